@@ -1,0 +1,119 @@
+"""Speed and memory of the shared machinery, for README's performance table (not a test).
+
+Measures, for one backbone (random weights are fine: speed does not depend on the values):
+  * image-tower feature extraction, images/s (real images of --dataset, CoOp's test transform);
+  * CoOp's training step and epoch over cached features (text tower forward + backward every step);
+  * the text-tower speed-up of cutting prompts after the last EOT token instead of running 77 tokens;
+  * peak memory (CUDA: max allocated; CPU: max resident set size of the process).
+
+    python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
+"""
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import coop
+import data
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def padded_to_77(prompts):
+    """The same prompts without the EOT cut: suffix padded with the padding token's embedding to 77."""
+    pad_len = 77 - 1 - prompts.n_ctx - prompts.suffix.shape[1]
+    pad = prompts.clip.text.token_embedding.weight[0].float().expand(prompts.suffix.shape[0], pad_len, -1)
+    return torch.cat([prompts.suffix, pad], dim=1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="ViT-B-16")
+    p.add_argument("--dataset", default="eurosat")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--images", type=int, default=256, help="test images to encode for the images/s figure")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default="runs/benchmark")
+    args = p.parse_args()
+    device = common.resolve_device(args.device)
+    ds = data.load_dataset(args.dataset, args.data_root, download=False)
+    clip = common.load_clip(args.backbone, "none", device)
+    result = {"backbone": args.backbone, "dataset": ds.name, "device": str(device),
+              "precision": args.precision if device.type == "cuda" else "fp32",
+              "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "versions": common.versions()}
+
+    # image tower: a fresh cache so every image is really encoded
+    cache = common.FeatureCache(Path(args.output) / "tmp_cache" / str(time.time_ns()), workers=args.workers,
+                                precision=args.precision)
+    items = ds.test[:args.images]
+    start = time.perf_counter()
+    cache.get(clip, ds.name, items, "test")
+    result["image_features_per_s"] = len(items) / (time.perf_counter() - start)
+
+    # CoOp's step over cached features: 16 context tokens, all classes, batch 32
+    train, _ = data.fewshot_split(ds, args.shots, 1)
+    model = coop.CoOp(clip, ds.classnames, n_ctx=16)
+    feats = torch.randn(len(train), clip.embed_dim, device=device)
+    labels = torch.tensor([it.label for it in train], device=device)
+    steps = common.steps_per_epoch(len(train), 32)
+    opt = torch.optim.SGD([model.ctx], lr=0.002, momentum=0.9)
+
+    def step():
+        with common.autocast(device, args.precision):
+            loss = coop.coop_loss(model, feats[:32], labels[:32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result["train_step_s"] = timed(step, device, args.repeats)
+    result["train_epoch_s"] = result["train_step_s"] * steps
+    result["steps_per_epoch"] = steps
+
+    # text tower with and without the EOT cut (forward + backward through the context)
+    prompts = model.prompts(ds.classnames)
+    suffix_full = padded_to_77(prompts)
+
+    def text_pass(suffix):
+        def run():
+            with common.autocast(device, args.precision):
+                x = torch.cat([prompts.prefix, model.ctx.expand(len(suffix), -1, -1), suffix], dim=1)
+                common.encode_embeddings(clip, x, prompts.eot).float().sum().backward()
+        return run
+
+    cut_s = timed(text_pass(prompts.suffix), device, args.repeats)
+    full_s = timed(text_pass(suffix_full), device, args.repeats)
+    result.update(text_len_cut=int(prompts.eot.max()) + 1, text_cut_s=cut_s, text_full77_s=full_s,
+                  text_speedup=full_s / cut_s)
+    result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "versions"},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

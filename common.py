@@ -1,0 +1,648 @@
+"""Shared machinery for the prompt-learning methods: frozen CLIP, prompt text encoding, the feature
+cache, CoOp's training loop, evaluation, the command line and the results files.
+
+Every method file (coop.py, kdpl.py, mopd.py, demul.py, empl.py) imports this module and data.py and
+nothing else of ours. What is here reproduces the official CoOp/Dassl recipe (methods.md §1):
+  * CLIP is frozen and in eval mode; only the method's own parameters train.
+  * Transforms: train RandomResizedCrop(224, scale 0.08-1, bicubic) + flip; test resize of the shorter
+    side (bicubic) + center crop; CLIP's mean/std.
+  * SGD(lr 0.002, momentum 0.9, wd 5e-4), one constant warm-up epoch at 1e-5, then cosine per epoch.
+  * Batch 32, drop_last only when the set holds at least one batch.
+What differs, and why:
+  * The image tower is frozen, so its features are computed once and cached on disk; the augmented
+    training views are cached per (image, view index), so a rerun or a second method reuses them.
+  * fp32 master weights always; autocast (bf16 by default, or fp16 + GradScaler) on CUDA. The official
+    default keeps CLIP *and the context* in fp16, a likely cause of CoOp issue #24's collapsed seeds.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+import data
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CoOp/Dassl INPUT.PIXEL_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Tiny open_clip configurations: the same CLIP/ViT code path as ViT-B/16, small enough for CPU tests.
+# `tiny-wide` has a different width and embedding size so it can stand in for a larger teacher.
+TINY_CONFIGS = {
+    "tiny": dict(embed_dim=64,
+                 vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
+    "tiny-wide": dict(embed_dim=96,
+                      vision_cfg=dict(image_size=224, layers=2, width=128, head_width=32, patch_size=32),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3)),
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one message, no traceback."""
+
+
+def set_seed(seed):
+    """Seed every generator the way Dassl's set_random_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen CLIP
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Clip:
+    """A frozen open_clip model with what the methods need around it."""
+    model: nn.Module
+    tokenizer: object
+    backbone: str
+    weights: str            # identity of the weights: an open_clip tag, "file:<name>:<size>" or "random"
+    device: torch.device
+
+    @property
+    def text(self):
+        """The module holding the text tower (CLIP keeps it inline, CustomTextCLIP in .text)."""
+        return getattr(self.model, "text", self.model)
+
+    @property
+    def ctx_dim(self):
+        return self.text.token_embedding.weight.shape[1]
+
+    @property
+    def embed_dim(self):
+        proj = self.text.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def image_size(self):
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else size
+
+    @property
+    def logit_scale(self):
+        return self.model.logit_scale.exp().detach()
+
+    @property
+    def tower_id(self):
+        """Cache key of the image tower: architecture, weights and input size."""
+        return f"{self.backbone}__{self.weights}__{self.image_size}".replace("/", "-").replace(":", "-")
+
+
+def load_clip(backbone, pretrained, device="cpu"):
+    """Load an open_clip model frozen in eval mode.
+
+    pretrained: an open_clip tag ("openai", "dfn5b", ...), a local checkpoint file, or "none" (random
+    initialisation, seeded so that the same random model -- and its feature cache -- comes back)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if backbone in TINY_CONFIGS:
+            if pretrained not in ("none", None) and not os.path.isfile(str(pretrained)):
+                raise UserError(f"backbone {backbone!r} exists only with random weights: pass --pretrained none")
+            model = open_clip.CLIP(**TINY_CONFIGS[backbone])
+            if pretrained not in ("none", None):
+                model.load_state_dict(torch.load(pretrained, map_location="cpu"))
+        else:
+            if backbone not in open_clip.list_models():
+                raise UserError(f"unknown backbone {backbone!r}. Choose an open_clip model such as ViT-B-16, "
+                                f"ViT-B-32, RN50, ViT-L-14, ViT-H-14-quickgelu, or tiny / tiny-wide for tests.")
+            model = _create_open_clip(backbone, pretrained)
+    if pretrained in ("none", None):
+        weights = "random"
+        print(f"WARNING: {backbone} has RANDOM weights (--pretrained none): accuracy means nothing; "
+              f"use this only for smoke runs and timing.", file=sys.stderr)
+    elif os.path.isfile(str(pretrained)):
+        weights = f"file:{Path(pretrained).name}:{os.path.getsize(pretrained)}"
+    else:
+        weights = pretrained
+    model.eval().requires_grad_(False).to(device)
+    text = getattr(model, "text", model)
+    if getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) != "argmax":
+        raise UserError(f"{backbone} pools its text features differently from CLIP (not at the EOT token); "
+                        f"prompt learning here needs a CLIP-style text tower.")
+    return Clip(model, open_clip.get_tokenizer("ViT-B-16" if backbone in TINY_CONFIGS else backbone),
+                backbone, weights, device)
+
+
+def _create_open_clip(backbone, pretrained):
+    if pretrained in ("none", None):
+        return open_clip.create_model(backbone, pretrained=None)
+    if os.path.isfile(str(pretrained)):
+        return open_clip.create_model(backbone, pretrained=pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    if pretrained not in tags:
+        raise UserError(f"open_clip has no weights {pretrained!r} for {backbone}; known tags: {', '.join(tags)}, "
+                        f"or pass a checkpoint file, or 'none' for random weights.")
+    try:
+        return open_clip.create_model(backbone, pretrained=pretrained)
+    except Exception as err:  # offline, hub down, disk full: all end the same way for the user
+        raise UserError(
+            f"could not load the {backbone} weights {pretrained!r} ({type(err).__name__}: {err}).\n"
+            f"Without internet, download them elsewhere (open_clip.create_model('{backbone}', "
+            f"pretrained='{pretrained}') fills the HuggingFace cache; the file is also listed by "
+            f"open_clip.get_pretrained_cfg('{backbone}', '{pretrained}')) and pass the file: "
+            f"--pretrained /path/to/checkpoint.bin") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Text tower at the embedding level
+# --------------------------------------------------------------------------------------------------
+def tokenize(clip, texts):
+    return clip.tokenizer(texts).to(clip.device)
+
+
+def eot_positions(tokens):
+    """CLIP pools at the EOT token, the largest token id of each sequence."""
+    return tokens.argmax(dim=-1)
+
+
+def run_text_blocks(clip, x, start=0, stop=None):
+    """Causal transformer blocks [start, stop) on hidden states x (N, L, width)."""
+    text = clip.text
+    L = x.shape[1]
+    mask = text.attn_mask[:L, :L].to(x.device)  # the causal mask cut to the sequence length
+    if not text.transformer.batch_first:
+        x = x.transpose(0, 1)
+    for block in text.transformer.resblocks[start:stop]:
+        x = block(x, attn_mask=mask)
+    return x if text.transformer.batch_first else x.transpose(0, 1)
+
+
+def encode_embeddings(clip, x, eot, from_layer=0):
+    """Text features from token embeddings x (N, L, width), or, with from_layer = l > 0, from the hidden
+    states entering transformer block l (the hook EMPL uses to act on the top layers only).
+
+    Because the mask is causal and the output is read at the EOT token, every position after the
+    longest EOT is dead weight: callers pass sequences cut to max(eot) + 1 (test_methods proves that
+    the result equals the full 77-token encoding)."""
+    text = clip.text
+    if from_layer == 0:
+        x = x + text.positional_embedding[: x.shape[1]].to(x.dtype)
+    x = run_text_blocks(clip, x, start=from_layer)
+    x = text.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    proj = text.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def hidden_states(clip, x, layer):
+    """Hidden states entering block `layer` for token embeddings x (positional embedding added here)."""
+    x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
+    return run_text_blocks(clip, x, stop=layer)
+
+
+@torch.no_grad()
+def encode_texts(clip, texts, batch_size=1000):
+    """Frozen text features of plain strings (hand-crafted prompts), EOT-cut per batch."""
+    feats = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip, texts[i:i + batch_size])
+        eot = eot_positions(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        feats.append(encode_embeddings(clip, clip.text.token_embedding(tokens), eot).float())
+    return torch.cat(feats)
+
+
+def words_to_embeddings(clip, words):
+    """Token embeddings of an initialisation phrase such as "a photo of a" (CoOp's ctx_init)."""
+    tokens = tokenize(clip, [words])
+    n = int(eot_positions(tokens)[0]) - 1
+    with torch.no_grad():
+        return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
+
+
+class ClassPrompts(nn.Module):
+    """CoOp's prompt layout for a list of class names, at the token-embedding level:
+        end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
+        middle: [SOS] [ctx_1 .. ctx_M/2] [CLASS] [ctx_M/2+1 .. ctx_M] . [EOT]
+        front:  [SOS] [CLASS] [ctx_1 .. ctx_M] . [EOT]
+    The frozen pieces are buffers; the learnable context is passed to forward(), so the method file
+    owns its parameters. Sequences are stored cut after the longest EOT position."""
+
+    def __init__(self, clip, classnames, n_ctx, position="end"):
+        super().__init__()
+        if position not in ("end", "middle", "front"):
+            raise UserError(f"class token position must be end, middle or front, not {position!r}")
+        self.clip, self.n_ctx, self.position = clip, n_ctx, position
+        names = [name.replace("_", " ") for name in classnames]
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = tokenize(clip, [f"{placeholder} {name}." for name in names])
+        eot = eot_positions(tokens)
+        length = int(eot.max()) + 1
+        with torch.no_grad():
+            emb = clip.text.token_embedding(tokens[:, :length]).float()
+        self.register_buffer("eot", eot, persistent=False)
+        self.register_buffer("prefix", emb[:, :1], persistent=False)            # SOS
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:], persistent=False)    # CLASS . EOT (pad cut)
+        # number of BPE tokens of each class name (CoOp's name_lens), for middle/front positions
+        self.name_lens = [len(clip.tokenizer.encode(name)) if hasattr(clip.tokenizer, "encode")
+                          else int(eot_positions(tokenize(clip, [name]))[0]) - 1 for name in names]
+
+    def embed(self, ctx):
+        """ctx (M, d) shared by all classes, or (C, M, d) class-specific -> prompts (C, L, d)."""
+        n_cls = self.prefix.shape[0]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        ctx = ctx.to(self.prefix.dtype)
+        if self.position == "end":
+            return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        prompts = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            cls, rest = self.suffix[i:i + 1, :n], self.suffix[i:i + 1, n:]
+            pre = self.prefix[i:i + 1]
+            if self.position == "middle":
+                parts = [pre, ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest]
+            else:
+                parts = [pre, cls, ctx[i:i + 1], rest]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts)
+
+    def forward(self, ctx):
+        """Text features (C, D) of the prompts with context ctx."""
+        return encode_embeddings(self.clip, self.embed(ctx), self.eot)
+
+
+def cosine_logits(image_feats, text_feats, logit_scale):
+    """logits = s * norm(f(x)) @ norm(g(t)).T  (CLIP's classifier, CoOp Eq. for p(y|x))."""
+    return logit_scale * F.normalize(image_feats, dim=-1) @ F.normalize(text_feats, dim=-1).t()
+
+
+@torch.no_grad()
+def nearest_words(clip, ctx, k=3):
+    """CoOp's interpretability readout: the vocabulary tokens nearest (Euclidean) to each context vector."""
+    vocab = clip.text.token_embedding.weight.float()
+    dist = torch.cdist(ctx.float().reshape(-1, ctx.shape[-1]).to(vocab.device), vocab)
+    decoder = getattr(clip.tokenizer, "decoder", {})
+    return [[(decoder.get(int(i), str(int(i))).replace("</w>", ""), round(float(d), 3))
+             for d, i in zip(*row.topk(k, largest=False))] for row in dist]
+
+
+# --------------------------------------------------------------------------------------------------
+# Image tower and the feature cache
+# --------------------------------------------------------------------------------------------------
+def train_transform(size):
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def test_transform(size):
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def view_seed(rel, view):
+    """The augmentation of view k of an image depends on (image, k) only, so any tower -- a student
+    or a teacher -- and any later run that asks for view k of that image gets the same crop."""
+    return int.from_bytes(hashlib.sha256(f"{rel}|{view}".encode()).digest()[:8], "little")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, items, size, view):
+        self.items, self.view = items, view
+        self.transform = test_transform(size) if view == "test" else train_transform(size)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        image = Image.open(item.path).convert("RGB")
+        if self.view == "test":
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(item.rel, self.view))
+            return self.transform(image)
+
+
+@dataclass
+class FeatureCache:
+    """Image-tower features on disk: one file per (tower, dataset, view) mapping image -> feature.
+    view is "test" (deterministic transform) or an int k (the k-th augmented view)."""
+    root: Path
+    workers: int = 2
+    precision: str = "bf16"
+    batch_size: int = 100  # Dassl's test batch
+    seconds: float = 0.0   # time spent computing features (not loading them), for results.json
+    computed: int = 0
+
+    def path(self, clip, dataset, view):
+        name = "test" if view == "test" else f"train_view{int(view):04d}"
+        numerics = self.precision if clip.device.type == "cuda" else "fp32"  # bf16 features differ from fp32
+        return Path(self.root) / f"{clip.tower_id}__{numerics}" / dataset / f"{name}.pt"
+
+    def get(self, clip, dataset, items, view):
+        """Features (N, D) float32 on clip.device, in the order of items."""
+        path = self.path(clip, dataset, view)
+        stored = torch.load(path) if path.exists() else {"rel": [], "feats": torch.empty(0, clip.embed_dim)}
+        index = {rel: i for i, rel in enumerate(stored["rel"])}
+        missing = list({it.rel: it for it in items if it.rel not in index}.values())
+        if missing:
+            new = self._compute(clip, missing, view)
+            stored = {"rel": stored["rel"] + [it.rel for it in missing],
+                      "feats": torch.cat([stored["feats"], new.cpu().half()])}
+            index = {rel: i for i, rel in enumerate(stored["rel"])}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(stored, tmp)
+            os.replace(tmp, path)  # atomic: an interrupted run never leaves a broken cache file
+        rows = torch.tensor([index[it.rel] for it in items], dtype=torch.long)
+        return stored["feats"][rows].float().to(clip.device)
+
+    @torch.no_grad()
+    def _compute(self, clip, items, view):
+        start = time.perf_counter()
+        loader = torch.utils.data.DataLoader(ImageFiles(items, clip.image_size, view), batch_size=self.batch_size,
+                                             num_workers=self.workers, pin_memory=clip.device.type == "cuda")
+        feats = []
+        desc = f"{clip.backbone} features ({'test' if view == 'test' else f'train view {view}'})"
+        for images in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 3):
+            images = images.to(clip.device, non_blocking=True)
+            with autocast(clip.device, self.precision):
+                feats.append(clip.model.encode_image(images).float())
+        self.seconds += time.perf_counter() - start
+        self.computed += len(items)
+        return torch.cat(feats)
+
+
+def autocast(device, precision):
+    """Mixed precision on CUDA only; CPU runs stay in fp32."""
+    enabled = device.type == "cuda" and precision in ("bf16", "fp16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: CoOp's optimiser, schedule and loader semantics
+# --------------------------------------------------------------------------------------------------
+def coop_lr(epoch, base_lr, max_epoch, warmup_lr=1e-5):
+    """Dassl's per-epoch learning rate (0-based epoch): one constant warm-up epoch at 1e-5, then
+    cosine from base_lr over max_epoch epochs, restarted after the warm-up (WARMUP_RECOUNT)."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / max_epoch))
+
+
+def steps_per_epoch(n, batch_size):
+    """Dassl: drop_last = len(dataset) >= batch_size, so a set smaller than a batch is one batch."""
+    steps = n // batch_size if n >= batch_size else (1 if n > 0 else 0)
+    if steps < 1:
+        raise UserError(f"no training step per epoch (training set of {n} images): nothing to learn from")
+    return steps
+
+
+class TrainingError(UserError):
+    pass
+
+
+def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="bf16", seed=1,
+        device="cpu", desc="train"):
+    """Train `params` (the method's learnable tensors only) with CoOp's recipe.
+
+    epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
+    that epoch's augmented view and the labels); each step gets the same random rows of each, and
+    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics."""
+    device = torch.device(device)
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+    steps = steps_per_epoch(n, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    losses, lrs = [], []
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for epoch in bar:
+        for group in opt.param_groups:
+            group["lr"] = coop_lr(epoch, lr, epochs)
+        tensors = epoch_data(epoch)
+        order = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for step in range(steps):
+            rows = order[step * batch_size:(step + 1) * batch_size]
+            with autocast(device, precision):
+                loss = loss_fn(*[t[rows] for t in tensors])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += loss.detach().float()
+        mean_loss = float(total) / steps  # one host sync per epoch, none inside the step loop
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; try --precision fp32 "
+                                f"or a smaller --lr")
+        losses.append(mean_loss)
+        lrs.append(coop_lr(epoch, lr, epochs))
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+    # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
+    collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
+    if collapsed:
+        warnings.warn(f"training loss rose from {losses[1]:.4f} to {losses[-1]:.4f}: this run may have collapsed")
+    return {"steps_per_epoch": steps, "epochs": epochs, "loss_per_epoch": losses, "lr_per_epoch": lrs,
+            "collapsed": collapsed}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+def accuracy(logits, labels):
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base, new):
+    """H = 2BN/(B+N); for averages over datasets, pass the averaged B and N (KgCoOp issue #9)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# An experiment: data, subsets, towers, cached features
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    classnames: list
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class Task:
+    """Everything a method needs for one (dataset, protocol, shots, seed): the frozen CLIP, the few-shot
+    training items and their class names, cached features, and the evaluation sets
+    ({"all": ...} for few-shot, {"base": ..., "new": ...} for base-to-new)."""
+    args: argparse.Namespace
+    seed: int
+    clip: Clip
+    dataset: "data.Dataset"
+    classnames: list
+    train: list
+    labels: torch.Tensor
+    evals: dict
+    cache: FeatureCache
+    n_views: int
+    times: dict = field(default_factory=dict)
+
+    def train_features(self, epoch, clip=None):
+        """Features of the training images in the augmented view used at `epoch` (views cycle when
+        --aug-views K > 0; with 0 every epoch has its own view, as in the official code)."""
+        view = epoch % self.n_views if self.n_views > 0 else epoch
+        return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
+
+    def evaluate(self, predict):
+        """predict(classnames, image_feats) -> logits. Returns accuracies (and H for base-to-new)."""
+        start = time.perf_counter()
+        metrics = {}
+        with torch.no_grad(), autocast(self.clip.device, self.args.precision):
+            for name, ev in self.evals.items():
+                metrics[name if name != "all" else "accuracy"] = accuracy(predict(ev.classnames, ev.feats).float(),
+                                                                          ev.labels)
+        if "base" in metrics:
+            metrics["H"] = harmonic_mean(metrics["base"], metrics["new"])
+        self.times["evaluation_s"] = time.perf_counter() - start
+        return metrics
+
+
+def prepare(args, seed, backbone=None, pretrained=None):
+    """Load the dataset and CLIP, sample the few-shot subset (before any base/new subsampling, as
+    CoOp does), and cache the test features."""
+    set_seed(seed)
+    device = resolve_device(args.device)
+    ds = data.load_dataset(args.dataset, args.data_root, download=not args.no_download)
+    train, _val = data.fewshot_split(ds, args.shots, seed)  # val is sampled too: keeps Dassl's RNG sequence
+    if not ds.train:
+        raise UserError(f"{ds.name} is test-only (no training split); train on another dataset")
+    available = min(Counter(it.label for it in ds.train).values())
+    if args.shots > available:
+        raise UserError(f"--shots {args.shots} asks for more images than the smallest class of {ds.name} has "
+                        f"({available}); choose at most {available}")
+    clip = load_clip(backbone or args.backbone, pretrained or args.pretrained, device)
+    cache = FeatureCache(Path(args.cache_dir), workers=args.workers, precision=args.precision)
+    if args.protocol == "base2new":
+        # Dassl subsamples train, val and test together, taking the classes from the few-shot train set
+        classnames, (train, base_test) = data.subsample_classes(ds, "base", train, ds.test)
+        new_names, (_, new_test) = data.subsample_classes(ds, "new", train, ds.test)
+        splits = {"base": (classnames, base_test), "new": (new_names, new_test)}
+    else:
+        classnames = ds.classnames
+        splits = {"all": (ds.classnames, ds.test)}
+    evals = {}
+    for which, (names, test) in splits.items():
+        feats = cache.get(clip, ds.name, test, "test")
+        evals[which] = EvalSet(names, feats, torch.tensor([it.label for it in test], device=device))
+    labels = torch.tensor([it.label for it in train], device=device)
+    return Task(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line and results
+# --------------------------------------------------------------------------------------------------
+def base_parser(description):
+    """The flags every method shares (DESIGN.md conventions). Defaults here are CoOp's; a method sets
+    its own with parser.set_defaults(...)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="eurosat", help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")
+    p.add_argument("--shots", type=int, default=16, help="training images per class (1, 2, 4, 8, 16)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the few-shot subset and of training")
+    p.add_argument("--seeds", type=int, nargs="+", help="run several seeds and report mean ± std (overrides --seed)")
+    p.add_argument("--protocol", default="fewshot", choices=["fewshot", "base2new"],
+                   help="fewshot: all classes; base2new: train on the base half, test on base and new")
+    p.add_argument("--backbone", default="ViT-B-16", help="open_clip architecture, or tiny / tiny-wide for tests")
+    p.add_argument("--pretrained", default="openai", help="open_clip weights tag, a checkpoint file, or none")
+    p.add_argument("--data-root", default="./data", help="folder holding the datasets in CoOp's layout")
+    p.add_argument("--no-download", action="store_true", help="never download a missing dataset or split file")
+    p.add_argument("--output", default="runs", help="root folder of the results")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results of the same run")
+    p.add_argument("--cache-dir", default=os.environ.get("PROMPT_CACHE", "cache"),
+                   help="feature cache folder (env PROMPT_CACHE)")
+    p.add_argument("--aug-views", type=int, default=0,
+                   help="augmented views per training image, cycled over epochs; 0 = a fresh view every "
+                        "epoch (the official behaviour); every view is cached for later runs")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the method's per-shot recipe)")
+    p.add_argument("--lr", type=float, default=0.002, help="SGD learning rate")  # CoOp configs
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")  # CoOp configs
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA (fp32 master weights always; CPU runs in fp32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
+    return p
+
+
+def run_dir(args, method, seed):
+    return Path(args.output) / method / data.canonical_name(args.dataset) / args.protocol / \
+        f"shots_{args.shots}" / f"seed_{seed}"
+
+
+def claim_run_dir(args, method, seed):
+    """The results folder of this run; refuses to replace another run's results unless --overwrite."""
+    out = run_dir(args, method, seed)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise UserError(f"{out / 'results.json'} already exists; pass --overwrite to replace it or "
+                        f"--output DIR to write elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def versions():
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "open_clip": open_clip.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def write_results(out, task, method, metrics, extra):
+    """results.json: metrics, full config, versions, weights identity, times, the training subset."""
+    result = {
+        "method": method, "dataset": task.dataset.name, "protocol": task.args.protocol,
+        "shots": task.args.shots, "seed": task.seed, "metrics": metrics,
+        "backbone": task.clip.backbone, "weights": task.clip.weights,
+        "config": {k: v for k, v in vars(task.args).items()},
+        "versions": versions(), "device": str(task.clip.device),
+        "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed),
+        "classnames": task.classnames,
+        "train_images": [it.rel for it in task.train],
+        **extra,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main_seeds(args, method, run_one):
+    """Run run_one(args, seed) -> metrics for each seed; print a summary (mean ± std over seeds)."""
+    seeds = args.seeds or [args.seed]
+    all_metrics = []
+    try:
+        for seed in seeds:
+            metrics = run_one(args, seed)
+            print(f"{method} {args.dataset} {args.protocol} {args.shots}-shot seed {seed}: " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            all_metrics.append(metrics)
+    except (UserError, data.DataError) as err:
+        sys.exit(f"error: {err}")
+    if len(seeds) > 1:
+        for key in all_metrics[0]:
+            values = np.array([m[key] for m in all_metrics])
+            print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}")
+    return all_metrics

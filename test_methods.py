@@ -1,0 +1,597 @@
+"""Tests: no pretrained weights anywhere. Tiny randomly initialised open_clip models exercise the real
+code paths; learning is proven on planted tasks whose answer is known (DESIGN.md); real EuroSAT images
+from ../shared/data are used when present (skipped with a reason otherwise)."""
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.error
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import coop
+import data
+from data import DataError, Dataset, Item
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+EUROSAT_NAMES = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
+                 "Industrial Buildings", "Pasture Land", "Permanent Crop Land", "Residential Buildings",
+                 "River", "Sea or Lake"]
+needs_eurosat = pytest.mark.skipif(not (SHARED_DATA / "eurosat" / "2750").is_dir(),
+                                   reason="real EuroSAT not found at ../shared/data/eurosat")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return common.load_clip("tiny", "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# data.py: CoOp's datasets, splits, Dassl's few-shot sampler, base/new classes
+# --------------------------------------------------------------------------------------------------
+def toy_dataset(n_classes=5, sizes=(7, 2, 5, 9, 4), val_size=6):
+    """Items with interleaved labels (first appearance order 3, 0, 4, 1, 2); class 1 is small."""
+    order = [3, 0, 4, 1, 2]
+    def make(split, per_class):
+        items, left = [], {c: per_class(c) for c in range(n_classes)}
+        while any(left.values()):
+            for c in order:
+                if left[c]:
+                    left[c] -= 1
+                    items.append(Item(f"/x/{split}/{c}_{left[c]}.jpg", f"{split}/{c}_{left[c]}.jpg", c, f"c{c}"))
+        return items
+    train = make("train", lambda c: sizes[c])
+    val = make("val", lambda c: min(val_size, sizes[c]))
+    return Dataset("toy", train, val, make("test", lambda c: 2), [f"c{c}" for c in range(n_classes)], "{}.")
+
+
+# Dassl's DatasetBase.generate_fewshot_dataset, written out literally (global `random`).
+def dassl_fewshot(data_source, num_shots):
+    if num_shots < 1:
+        return data_source
+    tracker = defaultdict(list)
+    for item in data_source:
+        tracker[item.label].append(item)
+    dataset = []
+    for label, items in tracker.items():
+        if len(items) >= num_shots:
+            sampled_items = random.sample(items, num_shots)
+        else:
+            sampled_items = items
+        dataset.extend(sampled_items)
+    return dataset
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 17])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 16, 0])
+def test_fewshot_equals_dassl(k, seed):
+    ds = toy_dataset()
+    random.seed(seed)  # CoOp: set_random_seed(cfg.SEED), then train then val from the same stream
+    ref_train = dassl_fewshot(ds.train, k)
+    ref_val = dassl_fewshot(ds.val, min(k, 4))
+    train, val = data.fewshot_split(ds, k, seed)
+    assert train == ref_train and val == ref_val
+    if k >= 1:  # labels in order of first appearance; the 2-item class is kept whole when k > 2
+        assert train[0].label == 3 and val[0].label == 3
+        assert sum(it.label == 1 for it in train) == min(k, 2)
+    random.seed(seed)
+    ref = dassl_fewshot(ds.train, k)
+    random.seed(seed)
+    assert data.sample_fewshot(ds.train, k) == ref  # rng=None uses the global `random`, as Dassl
+
+
+def test_fewshot_depends_on_seed_and_keeps_all_for_k0():
+    ds = toy_dataset()
+    assert data.fewshot_split(ds, 2, 1)[0] != data.fewshot_split(ds, 2, 2)[0]
+    assert data.fewshot_split(ds, 0, 1) == (ds.train, ds.val)
+    assert data.sample_fewshot(ds.train, -1) == ds.train
+
+
+def test_subsample_classes_base_new():
+    ds = toy_dataset()  # 5 classes -> base = labels 0, 1, 2 (ceil), new = 3, 4
+    train, test = ds.train, ds.test
+    names, (b_train, b_test) = data.subsample_classes(ds, "base", train, test)
+    assert names == ["c0", "c1", "c2"]
+    assert sorted({it.label for it in b_train}) == [0, 1, 2]
+    assert len(b_train) == 7 + 2 + 5 and len(b_test) == 3 * 2
+    names, (n_train, n_test) = data.subsample_classes(ds, "new", train, test)
+    assert names == ["c3", "c4"]
+    assert all(it.classname == f"c{it.label + 3}" for it in n_train + n_test)  # relabelled 3, 4 -> 0, 1
+    assert len(n_train) == 9 + 4 and len(n_test) == 2 * 2
+    assert [it.path for it in n_train] == [it.path for it in train if it.label >= 3]  # order kept
+    names, lists = data.subsample_classes(ds, "all", train, test)
+    assert names == ds.classnames and lists == [train, test]
+    # labels come from the FIRST list: with only labels 0, 2, 4 there, base = {0, 2}, new = {4}
+    first = [it for it in train if it.label in (0, 2, 4)]
+    names, (b_first, b_test) = data.subsample_classes(ds, "base", first, test)
+    assert names == ["c0", "c2"] and {it.label for it in b_test} == {0, 1}
+    with pytest.raises(DataError):
+        data.subsample_classes(ds, "novel", train)
+
+
+def test_names_templates_and_aliases():
+    assert set(data.DATASETS) == set(data.TEMPLATES) and len(data.DATASETS) == 15
+    assert data.TEMPLATES["eurosat"] == "a centered satellite photo of {}."
+    assert data.TEMPLATES["dtd"] == "{} texture."
+    assert data.TEMPLATES["ucf101"] == "a photo of a person doing {}."
+    for typed, key in [("EuroSAT", "eurosat"), ("flowers102", "oxford_flowers"), ("food-101", "food101"),
+                       ("caltech-101", "caltech101"), ("imagenet-a", "imagenet_a"), ("OxfordPets", "oxford_pets"),
+                       ("FGVCAircraft", "fgvc_aircraft"), ("DescribableTextures", "dtd"),
+                       ("ImageNet-Sketch", "imagenet_sketch"), ("ImageNetV2", "imagenetv2")]:
+        assert data.canonical_name(typed) == key
+
+
+# ----------------------------------------------------------------------------------- real EuroSAT
+
+@pytest.fixture(scope="module")
+def eurosat():
+    if not (SHARED_DATA / "eurosat" / "2750").is_dir():
+        pytest.skip(f"EuroSAT not found at {SHARED_DATA / 'eurosat'}")
+    start = time.time()
+    ds = data.load_dataset("EuroSAT", str(SHARED_DATA), download=False)
+    assert time.time() - start < 2.0  # must not stat 27k files
+    return ds
+
+
+def test_eurosat_split(eurosat):
+    assert (len(eurosat.train), len(eurosat.val), len(eurosat.test)) == (13500, 5400, 8100)
+    assert eurosat.classnames == EUROSAT_NAMES and eurosat.name == "eurosat"
+    it = eurosat.train[0]
+    assert it.rel == "eurosat/2750/AnnualCrop/AnnualCrop_1381.jpg" and os.path.isfile(it.path)
+    assert it.path == str(SHARED_DATA / it.rel) and it.classname == EUROSAT_NAMES[it.label]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
+def test_eurosat_fewshot_sizes(eurosat, k):
+    train, val = data.fewshot_split(eurosat, k, seed=1)
+    assert len(train) == 10 * k and len(val) == 10 * min(k, 4)
+    assert all(sum(it.label == c for it in train) == k for c in range(10))
+    assert not {it.path for it in train} & {it.path for it in val}
+
+
+def test_eurosat_base_new(eurosat):
+    train, _ = data.fewshot_split(eurosat, 16, seed=1)
+    base, (b_train, b_test) = data.subsample_classes(eurosat, "base", train, eurosat.test)
+    new, (n_train, n_test) = data.subsample_classes(eurosat, "new", train, eurosat.test)
+    assert base == EUROSAT_NAMES[:5] and new == EUROSAT_NAMES[5:]
+    assert len(b_train) == len(n_train) == 80 and len(b_test) + len(n_test) == 8100
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_error_unknown_name_and_missing_root(tmp_path):
+    with pytest.raises(DataError, match="eurosat, ucf101"):
+        data.load_dataset("cifar10", str(tmp_path))
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match="--data-root") as e:
+        data.load_dataset("eurosat", str(missing))
+    assert str(missing) in str(e.value)
+
+
+def test_error_missing_split_without_download(tmp_path):
+    (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("eurosat", str(tmp_path), download=False)
+    assert str(tmp_path / "eurosat" / "split_zhou_EuroSAT.json") in str(e.value)
+    assert "https://drive.google.com/file/d/1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o/view" in str(e.value)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_error_missing_manual_dataset(tmp_path, download):
+    with pytest.raises(DataError) as e:
+        data.load_dataset("stanford_cars", str(tmp_path), download=download)
+    msg = str(e.value)
+    assert str(tmp_path / "stanford_cars") in msg and "kaggle.com" in msg and "--data-root" in msg
+
+
+def test_split_download_offline_and_bad_page(tmp_path, monkeypatch):
+    (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="offline") as e:
+        data.load_dataset("eurosat", str(tmp_path))
+    assert "drive.google.com/file/d/1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o" in str(e.value)
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"<html>quota</html>"))
+    with pytest.raises(DataError):
+        data.load_dataset("eurosat", str(tmp_path))
+    assert not list((tmp_path / "eurosat").glob("*.json*"))  # nothing half-written left behind
+
+
+def fake_files(image_dir, split_file, first=3):
+    """Create empty image files for the first paths of each split (all that load_dataset checks)."""
+    for s in json.loads(Path(split_file).read_text()).values():
+        for rel, _, _ in s[:first]:
+            (image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (image_dir / rel).touch()
+
+
+def test_split_download_success_and_missing_image(tmp_path, monkeypatch):
+    split = SHARED_DATA / "coop_splits" / "split_zhou_EuroSAT.json"
+    if not split.is_file():
+        pytest.skip(f"{split} not found")
+    (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(split.read_bytes()))
+    with pytest.raises(DataError, match="AnnualCrop_1381.jpg is missing"):  # split fetched, images absent
+        data.load_dataset("eurosat", str(tmp_path))
+    assert (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").read_bytes() == split.read_bytes()
+    fake_files(tmp_path / "eurosat" / "2750", split)
+    assert len(data.load_dataset("eurosat", str(tmp_path)).test) == 8100
+
+
+def test_torchvision_download_is_linked_into_coop_layout(tmp_path, monkeypatch):
+    split = SHARED_DATA / "coop_splits" / "split_zhou_DescribableTextures.json"
+    if not split.is_file():
+        pytest.skip(f"{split} not found")
+    import torchvision.datasets
+    (tmp_path / "coop_splits").mkdir()
+    (tmp_path / "coop_splits" / split.name).symlink_to(split)  # found via <root>/coop_splits/
+
+    class FakeDTD:  # what torchvision.datasets.DTD(root, download=True) leaves: <root>/dtd/dtd/images
+        def __init__(self, root, download):
+            fake_files(Path(root) / "dtd" / "dtd" / "images", split)
+    monkeypatch.setattr(torchvision.datasets, "DTD", FakeDTD)
+    ds = data.load_dataset("dtd", str(tmp_path))
+    assert (tmp_path / "dtd" / "images").is_symlink()
+    assert len(ds.classnames) == 47 and (len(ds.train), len(ds.val), len(ds.test)) == (2820, 1128, 1692)
+    assert ds.train[0].rel.startswith("dtd/images/") and os.path.isfile(ds.train[0].path)
+
+    def offline(root, download):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "Food101", offline)
+    (tmp_path / "food-101").mkdir()
+    (tmp_path / "food-101" / "split_zhou_Food101.json").write_text('{"train": [], "val": [], "test": []}')
+    with pytest.raises(DataError, match="could not download food101") as e:
+        data.load_dataset("food101", str(tmp_path))
+    assert str(tmp_path / "food-101" / "images") in str(e.value)
+
+
+# ------------------------------------------------------------------------------- CoOp split files
+
+@pytest.mark.parametrize("name, n_classes, sizes", [
+    ("Caltech101", 100, (4128, 1649, 2465)), ("DescribableTextures", 47, (2820, 1128, 1692)),
+    ("EuroSAT", 10, (13500, 5400, 8100)), ("OxfordFlowers", 102, (4093, 1633, 2463)),
+    ("OxfordPets", 37, (2944, 736, 3669)), ("StanfordCars", 196, (6509, 1635, 8041)),
+    ("UCF101", 101, (7639, 1898, 3783))])
+def test_coop_split_files(name, n_classes, sizes):
+    path = SHARED_DATA / "coop_splits" / f"split_zhou_{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    splits = data.read_split(str(path), "/root/ds/images", "/root")
+    assert tuple(map(len, splits)) == sizes
+    names = {}
+    for it in [it for s in splits for it in s]:
+        assert names.setdefault(it.label, it.classname) == it.classname  # one name per label
+        assert it.rel == "ds/images/" + it.path[len("/root/ds/images/"):]
+    assert sorted(names) == list(range(n_classes)) == sorted({it.label for it in splits[0]})
+    if name == "Caltech101":
+        assert [names[i] for i in range(5)] == ["face", "leopard", "motorbike", "accordion", "airplane"]
+
+
+# ----------------------------------------------------------------------- FGVCAircraft and ImageNet
+
+def test_fgvc_aircraft_reader(tmp_path):
+    d = tmp_path / "fgvc_aircraft"
+    (d / "images").mkdir(parents=True)
+    (d / "variants.txt").write_text("707-320\nA300B4\nCessna 172\n")
+    for s, lines in [("train", ["0001 Cessna 172", "0002 707-320"]), ("val", ["0003 A300B4"]),
+                     ("test", ["0004 Cessna 172"])]:
+        (d / f"images_variant_{s}.txt").write_text("\n".join(lines) + "\n")
+        for line in lines:
+            (d / "images" / f"{line.split()[0]}.jpg").touch()
+    ds = data.load_dataset("fgvc_aircraft", str(tmp_path), download=False)
+    assert ds.classnames == ["707-320", "A300B4", "Cessna 172"]
+    assert [(it.rel, it.label, it.classname) for it in ds.train] == [
+        ("fgvc_aircraft/images/0001.jpg", 2, "Cessna 172"), ("fgvc_aircraft/images/0002.jpg", 0, "707-320")]
+    assert [it.label for it in ds.val + ds.test] == [1, 2]
+
+
+def test_imagenet_and_variants_readers(tmp_path):
+    wnids = ["n01", "n02", "n03", "n04"]
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("".join(f"{w} name {w}\n" for w in wnids))
+    def touch(*parts):
+        (tmp_path.joinpath(*parts[:-1])).mkdir(parents=True, exist_ok=True)
+        tmp_path.joinpath(*parts).touch()
+    for w in wnids:
+        touch("imagenet", "images", "train", w, "b.jpg"), touch("imagenet", "images", "train", w, "a.jpg")
+        touch("imagenet", "images", "val", w, "v.jpg")
+    ds = data.load_dataset("imagenet", str(tmp_path), download=False)
+    assert ds.classnames == [f"name {w}" for w in wnids] and ds.val == ds.test and len(ds.train) == 8
+    assert ds.train[1].rel == "imagenet/images/train/n01/b.jpg" and ds.test[3].label == 3
+    for w in ["n04", "n02"]:
+        touch("imagenet-adversarial", "imagenet-a", w, "x.jpg")
+    touch("imagenet-adversarial", "imagenet-a", "README.txt")  # not a class folder
+    a = data.load_dataset("imagenet-a", str(tmp_path), download=False)
+    assert a.train == a.val == [] and a.classnames == ["name n02", "name n04"]
+    assert [(it.label, it.classname) for it in a.test] == [(0, "name n02"), (1, "name n04")]
+    for i in range(4):
+        touch("imagenetv2", "imagenetv2-matched-frequency-format-val", str(i), "x.jpeg")
+    v2 = data.load_dataset("imagenetv2", str(tmp_path), download=False)
+    assert [(it.label, it.classname) for it in v2.test] == [(i, f"name {w}") for i, w in enumerate(wnids)]
+    touch("imagenet-adversarial", "imagenet-a", "n99", "x.jpg")  # not an ImageNet wnid
+    with pytest.raises(DataError, match="unknown class 'n99'"):
+        data.load_dataset("imagenet_a", str(tmp_path), download=False)
+    (tmp_path / "imagenet" / "images" / "val").rename(tmp_path / "val_elsewhere")
+    with pytest.raises(DataError, match="image-net.org") as e:
+        data.load_dataset("imagenet", str(tmp_path), download=False)
+    assert str(tmp_path / "imagenet" / "images" / "val") in str(e.value)
+
+
+def test_imagenet_builtin_names(tmp_path):
+    ref = SHARED_DATA / "coop_splits" / "imagenet_clip_classnames.txt"
+    if not ref.is_file():
+        pytest.skip(f"{ref} not found")
+    expected = dict(line.rstrip("\n").split(" ", 1) for line in ref.read_text().splitlines())
+    names = data._imagenet_names(str(tmp_path))  # no classnames.txt: open_clip names + timm wnids
+    assert list(names.items()) == list(expected.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Text tower: the EOT cut changes nothing
+# --------------------------------------------------------------------------------------------------
+def full_length_encoding(clip, embeddings, eot):
+    """Reference: open_clip's own modules over all 77 positions (no cut, the model's full mask)."""
+    m = clip.model
+    pad = m.token_embedding(torch.zeros(embeddings.shape[0], 77 - embeddings.shape[1], dtype=torch.long))
+    x = torch.cat([embeddings, pad], dim=1) + m.positional_embedding
+    x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+    return x[torch.arange(x.shape[0]), eot] @ m.text_projection
+
+
+def test_eot_cut_text_encoding_equals_open_clip_full_77_tokens(clip):
+    texts = ["a photo of a dog.", "a centered satellite photo of Annual Crop Land.", "x",
+             "a much longer sentence with many more words than the others in this batch of prompts."]
+    full = clip.model.encode_text(clip.tokenizer(texts))
+    assert torch.allclose(common.encode_texts(clip, texts), full, atol=1e-5)
+
+
+def test_eot_cut_prompt_encoding_equals_full_encoding_with_learned_context(clip):
+    prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=16)
+    assert prompts.suffix.shape[1] + 17 < 77  # the cut really removed positions
+    ctx = torch.randn(16, clip.ctx_dim)
+    full = full_length_encoding(clip, prompts.embed(ctx), prompts.eot)
+    assert torch.allclose(prompts(ctx), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("position,template", [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
+                                               ("front", "{} a photo of a.")])
+def test_class_token_positions_place_the_context_where_coop_does(clip, position, template):
+    names = ["Sea or Lake", "Forest", "dog"]
+    prompts = common.ClassPrompts(clip, names, n_ctx=4, position=position)
+    ctx = common.words_to_embeddings(clip, "a photo of a")
+    expected = common.encode_texts(clip, [template.format(n) for n in names])
+    assert torch.allclose(prompts(ctx), expected, atol=1e-5)
+
+
+def test_entering_the_text_tower_at_a_layer_gives_the_same_features(clip):
+    prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
+    x = prompts.embed(torch.randn(4, clip.ctx_dim))
+    hidden = common.hidden_states(clip, x, layer=1)
+    via_hook = common.encode_embeddings(clip, hidden, prompts.eot, from_layer=1)
+    assert torch.allclose(via_hook, common.encode_embeddings(clip, x, prompts.eot), atol=1e-5)
+    assert not torch.allclose(common.encode_embeddings(clip, hidden * 1.1, prompts.eot, from_layer=1), via_hook)
+
+
+def test_class_specific_context_gives_each_class_its_own_prompt(clip):
+    prompts = common.ClassPrompts(clip, ["cat", "dog"], n_ctx=2)
+    ctx = torch.randn(2, 2, clip.ctx_dim)
+    both = prompts(ctx)
+    swapped = prompts(ctx.flip(0))
+    assert not torch.allclose(both, swapped)
+    assert torch.allclose(both[0], common.ClassPrompts(clip, ["cat"], n_ctx=2)(ctx[0]).squeeze(0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation: CoOp's schedule and loader semantics
+# --------------------------------------------------------------------------------------------------
+def test_learning_rate_schedule_equals_coops_per_epoch_values():
+    lrs = [common.coop_lr(e, 0.002, 50) for e in range(50)]
+    assert lrs[0] == 1e-5                                        # constant warm-up epoch
+    assert lrs[1] == pytest.approx(0.002)                        # cosine restarts at the base lr
+    assert lrs[48] == pytest.approx(1.771e-5, rel=1e-3)          # CoOp issue #26 log, epoch 49 (1-based)
+    assert lrs[49] == pytest.approx(0.001 * (1 + math.cos(math.pi * 48 / 50)))
+    assert lrs[49] == pytest.approx(7.885e-6, rel=1e-3)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))          # monotone after warm-up, never 0
+
+
+def test_fit_applies_the_schedule_and_reports_steps():
+    w = torch.nn.Parameter(torch.zeros(3))
+    x, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    stats = common.fit([w], lambda a, b: F.cross_entropy(a * w, b), lambda e: (x, y), n=10, epochs=5)
+    assert stats["lr_per_epoch"] == [common.coop_lr(e, 0.002, 5) for e in range(5)]
+    assert stats["steps_per_epoch"] == 1
+
+
+@pytest.mark.parametrize("n,batch,steps", [(10, 32, 1), (32, 32, 1), (80, 128, 1), (100, 32, 3), (160, 32, 5)])
+def test_steps_per_epoch_follow_dassl_drop_last(n, batch, steps):
+    assert common.steps_per_epoch(n, batch) == steps
+
+
+def test_an_empty_training_set_is_refused():
+    with pytest.raises(common.UserError, match="no training step"):
+        common.steps_per_epoch(0, 32)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message():
+    w = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(common.TrainingError, match="loss became nan"):
+        common.fit([w], lambda a: (a * w).sum() * float("nan"), lambda e: (torch.ones(4),), n=4, epochs=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planted task: CoOp must learn a hidden context
+# --------------------------------------------------------------------------------------------------
+def planted_features(clip, prompts, true_ctx, start_ctx, n_per_class, noise=0.1, seed=0):
+    """Image features made by the frozen text tower with a hidden true context. The part of the class
+    features that the starting context already separates is projected out, so a classifier built
+    with the starting context is at chance by construction and only learning the context can help."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        true = F.normalize(prompts(true_ctx), dim=-1)
+        start = F.normalize(prompts(start_ctx), dim=-1)
+    true, start = true - true.mean(0), start - start.mean(0)
+    basis, _ = torch.linalg.qr(start.t())
+    feats = F.normalize(true - (true @ basis) @ basis.t(), dim=-1)
+    labels = torch.arange(len(feats)).repeat(n_per_class)
+    noise = noise * torch.randn(len(labels), feats.shape[1], generator=gen) / feats.shape[1] ** 0.5
+    return feats[labels] + noise, labels
+
+
+def train_planted_coop(clip, detach=False, epochs=200):
+    torch.manual_seed(0)
+    model = coop.CoOp(clip, EUROSAT_NAMES, n_ctx=4)
+    true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
+    prompts = model.prompts(EUROSAT_NAMES)
+    train_x, train_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 4, seed=1)
+    test_x, test_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 50, seed=2)
+    before = common.accuracy(model.logits(test_x), test_y)
+
+    def loss(x, y):
+        if not detach:
+            return coop.coop_loss(model, x, y)
+        text = prompts(model.ctx.detach()) + 0 * model.ctx.sum()  # a broken gradient path
+        return F.cross_entropy(common.cosine_logits(x, text, clip.logit_scale), y)
+
+    common.fit([model.ctx], loss, lambda e: (train_x, train_y), n=len(train_y), epochs=epochs)
+    with torch.no_grad():
+        after = common.accuracy(model.logits(test_x), test_y)
+    return before, after
+
+
+def test_coop_learns_the_planted_context_from_chance_to_90_percent(clip):
+    before, after = train_planted_coop(clip)
+    assert before <= 20, before
+    assert after >= 90, after
+
+
+def test_coop_with_a_detached_context_stays_at_chance(clip):
+    before, after = train_planted_coop(clip, detach=True)
+    assert before <= 20 and after <= 20, (before, after)
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature cache
+# --------------------------------------------------------------------------------------------------
+def fake_items(tmp_path, n=6):
+    items = []
+    for i in range(n):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((torch.rand(40 + i, 50, 3) * 255).byte().numpy()).save(path)
+        items.append(data.Item(path=str(path), rel=f"img{i}.png", label=i % 2, classname=f"c{i % 2}"))
+    return items
+
+
+def test_feature_cache_computes_once_and_views_are_reproducible(clip, tmp_path):
+    items = fake_items(tmp_path)
+    cache = common.FeatureCache(tmp_path / "cache", workers=0)
+    test1 = cache.get(clip, "fake", items, "test")
+    assert cache.computed == len(items)
+    test2 = cache.get(clip, "fake", items[::-1], "test")
+    assert cache.computed == len(items)  # nothing recomputed; order follows the request
+    assert torch.equal(test1, test2.flip(0))
+    view0 = cache.get(clip, "fake", items, 0)
+    view1 = cache.get(clip, "fake", items, 1)
+    assert not torch.allclose(view0, view1)  # two augmented views differ
+    fresh = common.FeatureCache(tmp_path / "other", workers=0)
+    assert torch.allclose(fresh.get(clip, "fake", items[:3], 1), view1[:3], atol=1e-3)  # same crop again
+    reference = clip.model.encode_image(torch.stack([common.test_transform(224)(Image.open(it.path).convert("RGB"))
+                                                     for it in items]))
+    assert torch.allclose(test1, reference, atol=1e-2)  # fp16 storage
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line, end to end on real EuroSAT images
+# --------------------------------------------------------------------------------------------------
+def run_cli(script, *args, cwd=ROOT):
+    # one intra-op thread: on small CI machines a second thread only adds contention with the loader workers
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("features"))
+
+
+def tiny_args(tmp_path, cache, *extra):
+    return ["--dataset", "eurosat", "--backbone", "tiny", "--pretrained", "none", "--data-root", str(SHARED_DATA),
+            "--no-download", "--output", str(tmp_path / "runs"), "--cache-dir", cache, "--workers", "2", *extra]
+
+
+@needs_eurosat
+def test_coop_cli_fewshot_on_real_eurosat_writes_its_results(tmp_path, shared_cache):
+    proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "3", "--aug-views", "2"))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "runs" / "coop" / "eurosat" / "fewshot" / "shots_1" / "seed_1"
+    res = json.loads((out / "results.json").read_text())
+    assert res["weights"] == "random" and res["backbone"] == "tiny"
+    assert 0 <= res["metrics"]["accuracy"] <= 100
+    assert res["classnames"] == EUROSAT_NAMES
+    assert len(res["train_images"]) == 10 and all(p.endswith(".jpg") for p in res["train_images"])
+    ds = data.load_dataset("eurosat", str(SHARED_DATA), download=False)
+    assert res["train_images"] == [it.rel for it in data.fewshot_split(ds, 1, 1)[0]]
+    assert res["train"]["steps_per_epoch"] == 1 and len(res["train"]["loss_per_epoch"]) == 3
+    assert res["config"]["n_ctx"] == 16 and res["config"]["epochs"] == 3
+    assert len(res["nearest_words"]) == 16
+    assert {"training_s", "evaluation_s", "feature_extraction_s"} <= set(res["times"])
+    assert torch.load(out / "prompt.pt")["ctx"].shape == (16, 64)
+    assert "RANDOM weights" in proc.stderr
+
+    # zero-shot on the same dataset and tower: the test features come from the cache
+    proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--zero-shot"))
+    assert proc.returncode == 0, proc.stderr
+    zs = json.loads((tmp_path / "runs/zsclip/eurosat/fewshot/shots_1/seed_1/results.json").read_text())
+    assert zs["times"]["images_encoded"] == 0, "a second run recomputed test features"
+    assert zs["template"] == "a centered satellite photo of {}."
+
+    # never overwrite silently
+    proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--zero-shot"))
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
+
+
+@needs_eurosat
+def test_coop_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
+    proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--protocol", "base2new", "--shots", "2",
+                                         "--epochs", "2", "--aug-views", "1", "--seeds", "1", "2"))
+    assert proc.returncode == 0, proc.stderr
+    for seed in (1, 2):
+        res = json.loads((tmp_path / f"runs/coop/eurosat/base2new/shots_2/seed_{seed}/results.json").read_text())
+        m = res["metrics"]
+        assert set(m) == {"base", "new", "H"}
+        assert m["H"] == pytest.approx(common.harmonic_mean(m["base"], m["new"]))
+        assert res["classnames"] == EUROSAT_NAMES[:5]
+        assert len(res["train_images"]) == 10           # 2 shots x 5 base classes
+        assert res["config"]["n_ctx"] == 4 and res["config"]["ctx_init"] == "a photo of a"
+    assert "over seeds [1, 2]" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear message, non-zero exit, no traceback
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "nosuchset"], "unknown dataset"),
+    (["--backbone", "ViT-Q-99"], "unknown backbone"),
+    (["--data-root", "/nonexistent/dir"], "does not exist"),
+    (["--shots", "5000"], "--shots 5000"),
+    (["--protocol", "base2new", "--csc"], "--csc"),
+])
+def test_bad_input_gets_one_clear_message(tmp_path, shared_cache, args, message):
+    if "--data-root" not in args and not (SHARED_DATA / "eurosat").is_dir():
+        pytest.skip("needs ../shared/data/eurosat")
+    proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--epochs", "1"), *args)  # later flags win
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
