@@ -636,8 +636,9 @@ def main_seeds(args, method, run_one):
     try:
         for seed in seeds:
             metrics = run_one(args, seed)
+            note = "  (random weights: meaningless)" if args.pretrained == "none" else ""
             print(f"{method} {args.dataset} {args.protocol} {args.shots}-shot seed {seed}: " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + note)
             all_metrics.append(metrics)
     except (UserError, data.DataError) as err:
         sys.exit(f"error: {err}")

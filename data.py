@@ -368,3 +368,51 @@ def subsample_classes(ds: Dataset, which: str, *splits: list[Item]) -> tuple[lis
     new_label = {old: new for new, old in enumerate(keep)}
     lists = [[replace(it, label=new_label[it.label]) for it in s if it.label in new_label] for s in splits]
     return [ds.classnames[old] for old in keep], lists
+
+
+# ------------------------------------------------------------------------------------- vocabularies
+
+WORDNET_NOUNS = "/usr/share/wordnet/data.noun"  # Debian/Ubuntu package wordnet-base
+
+
+def wordnet_nouns() -> list[str]:
+    """Noun lemmas of WordNet ("_" -> " "), de-duplicated in file order: the open vocabulary that
+    KDPL-CA's offline dictionary, DeMul's D_name and EMPL's unseen words draw from. Read from nltk's
+    corpus when it is installed with its data, else from Debian's wordnet-base files."""
+    try:
+        from nltk.corpus import wordnet
+        lemmas = [name for synset in wordnet.all_synsets("n") for name in synset.lemma_names()]
+    except (ImportError, LookupError):
+        if not os.path.isfile(WORDNET_NOUNS):
+            raise DataError("WordNet is not installed: `apt-get install wordnet-base` (Debian/Ubuntu), or "
+                            "`pip install nltk && python -m nltk.downloader wordnet`; or pass your own list "
+                            "of names with the method's file flag") from None
+        lemmas = []
+        with open(WORDNET_NOUNS) as f:
+            for line in f:
+                if line[0].isdigit():  # data lines: offset lex_filenum ss_type w_cnt(hex) word lex_id ...
+                    fields = line.split()
+                    lemmas += fields[4:4 + 2 * int(fields[3], 16):2]
+    names = dict.fromkeys(lemma.replace("_", " ") for lemma in lemmas)
+    return list(names)
+
+
+def read_names(path: str) -> list[str]:
+    """Class names from a file: a CSV with a `ClassName` column (KDPL's dictionary format) or plain
+    text with one name per line."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read the names file {path}: {e.strerror}") from None
+    lines = text.splitlines()
+    if lines and "ClassName" in next(csv.reader([lines[0]])):
+        names = [row["ClassName"] for row in csv.DictReader(lines)]
+    else:
+        names = lines
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if not names:
+        raise DataError(f"the names file {path} holds no names (one per line, or a CSV with a ClassName column)")
+    return names

@@ -338,6 +338,30 @@ def test_imagenet_builtin_names(tmp_path):
     assert list(names.items()) == list(expected.items())
 
 
+needs_wordnet = pytest.mark.skipif(not os.path.isfile(data.WORDNET_NOUNS), reason="WordNet (wordnet-base) not installed")
+
+
+@needs_wordnet
+def test_wordnet_nouns_are_read_from_debians_files():
+    nouns = data.wordnet_nouns()
+    assert len(nouns) > 100_000 and len(set(nouns)) == len(nouns)
+    assert nouns[0] == "entity" and "dog" in nouns and "physical entity" in nouns  # "_" became " "
+
+
+def test_names_files_in_kdpl_csv_and_plain_text_formats(tmp_path):
+    csv_file = tmp_path / "dict.csv"
+    csv_file.write_text('ClassName,Other\n"Cucumber, gourd, and melon family",1\ncar,2\ncar,3\n')
+    assert data.read_names(str(csv_file)) == ["Cucumber, gourd, and melon family", "car"]
+    txt = tmp_path / "names.txt"
+    txt.write_text("dog\n\n cat \ndog\n")
+    assert data.read_names(str(txt)) == ["dog", "cat"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="holds no names"):
+        data.read_names(str(tmp_path / "empty.txt"))
+    with pytest.raises(DataError, match="cannot read"):
+        data.read_names(str(tmp_path / "missing.txt"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Text tower: the EOT cut changes nothing
 # --------------------------------------------------------------------------------------------------
