@@ -647,3 +647,160 @@ def main_seeds(args, method, run_one):
             values = np.array([m[key] for m in all_metrics])
             print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}")
     return all_metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries and sweeps:  python common.py summarize RUNS_DIR  |  python common.py sweep ...
+# --------------------------------------------------------------------------------------------------
+def load_results(runs_dir):
+    """Every results.json under runs_dir, as dicts."""
+    found = sorted(Path(runs_dir).rglob("results.json"))
+    if not found:
+        raise UserError(f"no results.json under {runs_dir}: run a method first, or check the path")
+    return [json.loads(p.read_text()) for p in found]
+
+
+def _cell(values):
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.2f} ± {values.std():.2f} ({len(values)})"
+
+
+def summary_tables(results):
+    """Markdown tables, one per (dataset, protocol, backbone, weights): rows are methods; columns are
+    shot counts (few-shot) or base / new / H (base-to-new; H from the averaged base and new). Cells:
+    mean ± std over seeds (number of seeds). Returns {title: (markdown, curves)}."""
+    groups = {}
+    for r in results:
+        random_weights = r["weights"] == "random"
+        key = (r["dataset"], r["protocol"], r["backbone"], "RANDOM weights (meaningless)" if random_weights
+               else r["weights"])
+        groups.setdefault(key, []).append(r)
+    tables = {}
+    for (dataset, protocol, backbone, weights), runs in sorted(groups.items()):
+        title = f"{dataset} · {protocol} · {backbone} · {weights}"
+        by = {}
+        for r in runs:
+            by.setdefault((r["method"], r["shots"]), []).append(r["metrics"])
+        methods = sorted({m for m, _ in by}, key=lambda m: (m != "zsclip", m))
+        shots = sorted({k for _, k in by})
+        curves = {}
+        if protocol == "base2new":
+            lines = ["| method | shots | base | new | H |", "|---|---|---|---|---|"]
+            for m in methods:
+                for k in shots:
+                    if (m, k) in by:
+                        base = [x["base"] for x in by[m, k]]
+                        new = [x["new"] for x in by[m, k]]
+                        h = harmonic_mean(np.mean(base), np.mean(new))
+                        lines.append(f"| {m} | {k} | {_cell(base)} | {_cell(new)} | {h:.2f} |")
+        else:
+            lines = ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+            for m in methods:
+                cells = [_cell([x["accuracy"] for x in by[m, k]]) if (m, k) in by else "—" for k in shots]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+                curves[m] = [(k, np.mean([x["accuracy"] for x in by[m, k]]), np.std([x["accuracy"] for x in by[m, k]]))
+                             for k in shots if (m, k) in by]
+        tables[title] = ("\n".join(lines), curves)
+    return tables
+
+
+def plot_curves(title, curves, path):
+    """Few-shot curve: accuracy vs shots, one line per method, error bars = std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in curves.items():
+        ks, means, stds = zip(*points)
+        if method == "zsclip":
+            ax.axhline(means[0], color="gray", linestyle="--", label="zero-shot CLIP")
+        else:
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(runs_dir, out=None):
+    """Print the tables, write summary.md and one few-shot curve PNG per table into `out` (runs_dir)."""
+    out = Path(out or runs_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for title, (table, curves) in summary_tables(load_results(runs_dir)).items():
+        sections.append(f"### {title}\n\n{table}\n")
+        if curves:
+            name = "curve_" + "".join(c if c.isalnum() else "_" for c in title) + ".png"
+            plot_curves(title, curves, out / name)
+            sections.append(f"![{title}]({name})\n")
+    text = "\n".join(sections)
+    (out / "summary.md").write_text(text)
+    print(text)
+    return text
+
+
+def sweep(methods, dataset, shots, seeds, protocol="fewshot", output="runs", extra=()):
+    """Run methods x shots x seeds, one subprocess per run, skipping runs whose results exist, so an
+    interrupted sweep resumes where it stopped. All runs share the feature cache (pass --cache-dir in
+    extra to move it). Returns the list of (method, shots, seed, status)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    done = []
+    for method in methods:
+        script, flags = ("coop.py", ["--zero-shot"]) if method == "zsclip" else (f"{method}.py", [])
+        if not (here / script).is_file():
+            raise UserError(f"unknown method {method!r}: no {script} next to common.py")
+        for k in shots:
+            for seed in seeds:
+                args = argparse.Namespace(output=output, dataset=dataset, protocol=protocol, shots=k)
+                if (run_dir(args, method, seed) / "results.json").exists():
+                    done.append((method, k, seed, "skipped (results exist)"))
+                    continue
+                cmd = [sys.executable, str(here / script), "--dataset", dataset, "--shots", str(k), "--seed",
+                       str(seed), "--protocol", protocol, "--output", output, *flags, *extra]
+                print("$", " ".join(cmd), flush=True)
+                code = subprocess.call(cmd)
+                done.append((method, k, seed, "ok" if code == 0 else f"failed (exit {code})"))
+    for row in done:
+        print(*row)
+    return done
+
+
+def _main(argv=None):
+    p = argparse.ArgumentParser(description="Summaries of results and sweeps over methods, shots and seeds.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summarize", help="markdown tables + few-shot curves from every results.json under RUNS_DIR")
+    s.add_argument("runs_dir")
+    s.add_argument("--out", help="where summary.md and the PNGs go (default: RUNS_DIR)")
+    w = sub.add_parser("sweep", help="run methods x shots x seeds, skipping finished runs (resumable); flags "
+                                     "after -- go to every method, e.g. -- --backbone RN50 --data-root DIR")
+    w.add_argument("--methods", nargs="+", default=["zsclip", "coop"], help="coop, kdpl, mopd, demul, empl, zsclip")
+    w.add_argument("--dataset", default="eurosat")
+    w.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    w.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    w.add_argument("--protocol", default="fewshot", choices=["fewshot", "base2new"])
+    w.add_argument("--output", default="runs")
+    w.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to every run (after --)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "summarize":
+            summarize(args.runs_dir, args.out)
+        else:
+            extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+            failed = [r for r in sweep(args.methods, args.dataset, args.shots, args.seeds, args.protocol,
+                                       args.output, extra) if r[3].startswith("failed")]
+            if failed:
+                sys.exit(f"error: {len(failed)} run(s) failed; rerun the same command to retry only those")
+    except UserError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    _main()

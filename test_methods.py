@@ -619,3 +619,67 @@ def test_bad_input_gets_one_clear_message(tmp_path, shared_cache, args, message)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries and sweeps
+# --------------------------------------------------------------------------------------------------
+def write_fake_result(root, method, protocol, shots, seed, metrics, weights="openai", dataset="eurosat"):
+    out = root / method / dataset / protocol / f"shots_{shots}" / f"seed_{seed}"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"method": method, "dataset": dataset, "protocol": protocol,
+                                                  "shots": shots, "seed": seed, "metrics": metrics,
+                                                  "backbone": "ViT-B-16", "weights": weights}))
+
+
+def test_summarize_tables_means_stds_h_of_averages_and_plot(tmp_path):
+    for seed, acc in zip((1, 2, 3), (50.0, 60.0, 70.0)):
+        write_fake_result(tmp_path, "coop", "fewshot", 1, seed, {"accuracy": acc})
+        write_fake_result(tmp_path, "coop", "fewshot", 16, seed, {"accuracy": acc + 20})
+        write_fake_result(tmp_path, "zsclip", "fewshot", 1, seed, {"accuracy": 40.0})
+    for seed, (b, n) in zip((1, 2), ((90.0, 40.0), (70.0, 80.0))):
+        write_fake_result(tmp_path, "coop", "base2new", 16, seed, {"base": b, "new": n,
+                                                                   "H": common.harmonic_mean(b, n)})
+    write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 12.0}, weights="random", dataset="dtd")
+    text = common.summarize(tmp_path)
+    std = torch.tensor([50.0, 60.0, 70.0]).std(unbiased=False).item()
+    assert f"| coop | 60.00 ± {std:.2f} (3) | 80.00 ± {std:.2f} (3) |" in text
+    assert "| zsclip | 40.00 ± 0.00 (3) | — |" in text
+    assert text.index("| zsclip") < text.index("| coop | 60.00")  # the baseline row comes first
+    # H from the averaged base (80) and new (60): 68.57, not the mean of the per-seed H (54.38)
+    assert "| coop | 16 | 80.00 ± 10.00 (2) | 60.00 ± 20.00 (2) | 68.57 |" in text
+    assert "dtd · fewshot · ViT-B-16 · RANDOM weights (meaningless)" in text
+    pngs = sorted(tmp_path.glob("curve_*.png"))
+    assert len(pngs) == 2 and any("RANDOM" in p.name for p in pngs)
+    with Image.open(pngs[0]) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_summarize_an_empty_directory_says_so(tmp_path):
+    with pytest.raises(common.UserError, match="no results.json"):
+        common.summarize(tmp_path)
+
+
+@needs_eurosat
+def test_sweep_skips_finished_runs_and_resumes(tmp_path, shared_cache):
+    runs = tmp_path / "runs"
+    write_fake_result(runs, "zsclip", "fewshot", 1, 1, {"accuracy": 1.0}, weights="random")  # finished earlier
+    extra = ["--backbone", "tiny", "--pretrained", "none", "--data-root", str(SHARED_DATA), "--no-download",
+             "--cache-dir", shared_cache]
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        first = common.sweep(["zsclip"], "eurosat", [1], [1, 2], output=str(runs), extra=extra)
+        second = common.sweep(["zsclip"], "eurosat", [1], [1, 2], output=str(runs), extra=extra)
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    assert [r[3] for r in first] == ["skipped (results exist)", "ok"]
+    assert [r[3] for r in second] == ["skipped (results exist)"] * 2
+    seed2 = json.loads((runs / "zsclip/eurosat/fewshot/shots_1/seed_2/results.json").read_text())
+    assert seed2["seed"] == 2 and seed2["weights"] == "random"
+    assert json.loads((runs / "zsclip/eurosat/fewshot/shots_1/seed_1/results.json").read_text())["metrics"] == \
+        {"accuracy": 1.0}  # the finished run was not redone
