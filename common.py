@@ -147,20 +147,23 @@ def _create_open_clip(backbone, pretrained):
     if pretrained in ("none", None):
         return open_clip.create_model(backbone, pretrained=None)
     if os.path.isfile(str(pretrained)):
+        # OpenAI's checkpoints need QuickGELU: name the backbone ViT-B-16-quickgelu etc. for those files
         return open_clip.create_model(backbone, pretrained=pretrained)
     tags = open_clip.list_pretrained_tags_by_model(backbone)
     if pretrained not in tags:
         raise UserError(f"open_clip has no weights {pretrained!r} for {backbone}; known tags: {', '.join(tags)}, "
                         f"or pass a checkpoint file, or 'none' for random weights.")
+    cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
     try:
-        return open_clip.create_model(backbone, pretrained=pretrained)
+        # open_clip 3 only warns when a tag was trained with QuickGELU (OpenAI's are); build it that way
+        return open_clip.create_model(backbone, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
     except Exception as err:  # offline, hub down, disk full: all end the same way for the user
+        source = f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "")
         raise UserError(
-            f"could not load the {backbone} weights {pretrained!r} ({type(err).__name__}: {err}).\n"
-            f"Without internet, download them elsewhere (open_clip.create_model('{backbone}', "
-            f"pretrained='{pretrained}') fills the HuggingFace cache; the file is also listed by "
-            f"open_clip.get_pretrained_cfg('{backbone}', '{pretrained}')) and pass the file: "
-            f"--pretrained /path/to/checkpoint.bin") from None
+            f"could not load the {backbone} weights {pretrained!r} ({type(err).__name__}).\n"
+            f"Without internet: download the checkpoint from {source} on another machine and pass the file, "
+            f"--pretrained /path/to/checkpoint (for OpenAI's weights also name the backbone "
+            f"{backbone}-quickgelu, as they use QuickGELU).") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -363,6 +363,31 @@ def test_names_files_in_kdpl_csv_and_plain_text_formats(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Loading CLIP
+# --------------------------------------------------------------------------------------------------
+def test_openai_tags_are_built_with_quickgelu_and_offline_failure_is_one_message(monkeypatch):
+    seen = {}
+
+    def offline_create_model(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("Name or service not known")
+    monkeypatch.setattr(common.open_clip, "create_model", offline_create_model)
+    with pytest.raises(common.UserError) as err:
+        common.load_clip("ViT-B-16", "openai")
+    assert seen["force_quick_gelu"] is True  # open_clip 3 would otherwise build GELU and only warn
+    message = str(err.value)
+    assert "huggingface.co/timm/vit_base_patch16_clip_224.openai" in message and "--pretrained /path" in message
+
+
+def test_random_weights_are_reproducible_and_stamped(clip):
+    again = common.load_clip("tiny", "none")
+    assert clip.weights == "random"
+    assert all(torch.equal(a, b) for a, b in zip(clip.model.state_dict().values(), again.model.state_dict().values()))
+    with pytest.raises(common.UserError, match="--pretrained none"):
+        common.load_clip("tiny", "openai")
+
+
+# --------------------------------------------------------------------------------------------------
 # Text tower: the EOT cut changes nothing
 # --------------------------------------------------------------------------------------------------
 def full_length_encoding(clip, embeddings, eot):
