@@ -538,8 +538,8 @@ def prepare(args, seed, backbone=None, pretrained=None):
     cache = FeatureCache(Path(args.cache_dir), workers=args.workers, precision=args.precision)
     if args.protocol == "base2new":
         # Dassl subsamples train, val and test together, taking the classes from the few-shot train set
-        classnames, (train, base_test) = data.subsample_classes(ds, "base", train, ds.test)
         new_names, (_, new_test) = data.subsample_classes(ds, "new", train, ds.test)
+        classnames, (train, base_test) = data.subsample_classes(ds, "base", train, ds.test)
         splits = {"base": (classnames, base_test), "new": (new_names, new_test)}
     else:
         classnames = ds.classnames
@@ -625,6 +625,7 @@ def write_results(out, task, method, metrics, extra):
         "versions": versions(), "device": str(task.clip.device),
         "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed),
         "classnames": task.classnames,
+        "eval_classnames": {name: ev.classnames for name, ev in task.evals.items()},
         "train_images": [it.rel for it in task.train],
         **extra,
     }

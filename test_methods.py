@@ -622,6 +622,7 @@ def test_coop_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
         assert set(m) == {"base", "new", "H"}
         assert m["H"] == pytest.approx(common.harmonic_mean(m["base"], m["new"]))
         assert res["classnames"] == EUROSAT_NAMES[:5]
+        assert res["eval_classnames"] == {"base": EUROSAT_NAMES[:5], "new": EUROSAT_NAMES[5:]}
         assert len(res["train_images"]) == 10           # 2 shots x 5 base classes
         assert res["config"]["n_ctx"] == 4 and res["config"]["ctx_init"] == "a photo of a"
     assert "over seeds [1, 2]" in proc.stdout
