@@ -12,6 +12,7 @@ import time
 import urllib.error
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from PIL import Image
 import common
 import coop
 import data
+import mopd
 from data import DataError, Dataset, Item
+
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -709,3 +712,234 @@ def test_sweep_skips_finished_runs_and_resumes(tmp_path, shared_cache):
     assert seed2["seed"] == 2 and seed2["weights"] == "random"
     assert json.loads((runs / "zsclip/eurosat/fewshot/shots_1/seed_1/results.json").read_text())["metrics"] == \
         {"accuracy": 1.0}  # the finished run was not redone
+
+
+# --------------------------------------------------------------------------------------------------
+# mopd.py: MoPD
+# --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Pools and defaults
+# --------------------------------------------------------------------------------------------------
+def test_mopd_dataset_pools_are_the_official_templates():
+    assert mopd.dataset_pool("eurosat") == [  # mopd_templates.py CUSTOM_TEMPLATES["EuroSAT"], in order
+        "a centered satellite photo of {}.", "a centered satellite picture of {}.", "a centered satellite image of {}.",
+        "a centered satellite photo, classified as {}.", "a centered satellite photo, categorized as {}.",
+        "a centered satellite photo, labeled as {}.", "a centered satellite picture, classified as {}.",
+        "a centered satellite picture, categorized as {}.", "a centered satellite picture, labeled as {}.",
+        "a centered satellite image, classified as {}.", "a centered satellite image, categorized as {}.",
+        "a centered satellite image, labeled as {}."]
+    spot = {  # (first, fourth, last) of each official list
+        "oxford_pets": ("a photo of a {}, a type of pet.", "a photo of a pet, classified as {}.",
+                        "an image of a pet, labeled as {}."),
+        "oxford_flowers": ("a photo of a {}, a type of flower.", "a photo of a flower, classified as {}.",
+                           "an image of a flower, labeled as {}."),
+        "fgvc_aircraft": ("a photo of a {}, a type of aircraft.", "a photo of a aircraft, classified as {}.",
+                          "an image of a aircraft, labeled as {}."),
+        "dtd": ("a photo of {}, a type of texture.", "a photo of a texture, classified as {}.",
+                "an image of a texture, labeled as {}."),
+        "food101": ("a photo of {}, a type of food.", "a photo of food, classified as {}.",
+                    "an image of food, labeled as {}."),
+        "ucf101": ("a photo of a person doing {}.", "a photo of a person doing, classified as {}.",
+                   "an image of a person doing, labeled as {}."),
+    }
+    spot.update({d: ("a photo of a {}.", "a photo, classified as {}.", "an image, labeled as {}.")
+                 for d in ("stanford_cars", "sun397", "caltech101", "imagenet")})
+    for name, (first, fourth, last) in spot.items():
+        pool = mopd.dataset_pool(name)
+        assert len(pool) == len(set(pool)) == 12 and (pool[0], pool[3], pool[-1]) == (first, fourth, last), name
+        assert pool[2].startswith("an image of") and pool[7].startswith("a picture")
+    assert len(mopd.LASP_POOL) == 35 and mopd.LASP_POOL[4] == "{} texture."
+    assert len(mopd.NOISY_TEMPLATES) == 12 and mopd.NOISY_TEMPLATES[0] == "a collection of {} floating in the sky"
+    assert all(t.count("{}") == 1 for t in mopd.LASP_POOL + mopd.NOISY_TEMPLATES)
+
+
+def test_mopd_defaults_follow_the_official_run_script_and_pools_can_be_chosen(tmp_path):
+    a = mopd.parse_args(["--dataset", "EuroSAT"])
+    assert (a.w, a.w2, a.top_t, a.epochs, a.batch_size, a.tau) == (0.5, 0.1, 2, 100, 128, 1.0)
+    assert a.protocol == "base2new" and a.shots == 16 and a.backbone == "ViT-B-16" and a.lr == 0.002
+    assert a.templates == mopd.dataset_pool("eurosat") and a.ctx_init == "a photo of a"
+    a = mopd.parse_args(["--dataset", "dtd", "--w2", "0.3", "--epochs", "7"])
+    assert (a.w, a.w2, a.top_t, a.epochs) == (0.8, 0.3, 2, 7)
+    assert mopd.parse_args(["--dataset", "imagenet"]).top_t == 3
+    assert mopd.parse_args(["--pool", "lasp"]).templates == mopd.LASP_POOL
+    noisy = mopd.parse_args(["--pool", "noisy"]).templates
+    assert noisy == mopd.dataset_pool("eurosat") + mopd.NOISY_TEMPLATES
+    assert mopd.parse_args(["--pool", "lasp", "--pool-size", "5"]).templates == mopd.LASP_POOL[:5]
+    pool_file = tmp_path / "pool.txt"
+    pool_file.write_text("a photo of {}.\n\n  art of the {}.  \n")
+    assert mopd.parse_args(["--pool", str(pool_file)]).templates == ["a photo of {}.", "art of the {}."]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pool", "/no/such/pool.txt"], "cannot be read"),
+    (["--pool", "BAD"], "exactly one '{}'"),
+    (["--pool", "BRACES"], "exactly one '{}'"),
+    (["--pool", "lasp", "--pool-size", "36"], "has 35 templates"),
+    (["--top-t", "13"], "--top-t 13"),
+    (["--dataset", "nosuchset"], "unknown dataset"),
+    (["--w", "1.5"], "--w"),
+])
+def test_mopd_bad_flags_get_one_clear_message(tmp_path, capsys, flags, message):
+    (tmp_path / "bad.txt").write_text("a photo of {}.\na photo without a slot.\n")
+    (tmp_path / "braces.txt").write_text("a {} photo of {x}.\n")
+    flags = [str(tmp_path / "bad.txt") if f == "BAD" else str(tmp_path / "braces.txt") if f == "BRACES" else f
+             for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        mopd.parse_args(flags)
+    assert exit_info.value.code != 0 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses against a hand computation
+# --------------------------------------------------------------------------------------------------
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_mopd_losses_equal_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    B, H, C, T, tau, w, w2 = 3, 4, 5, 2, 2.0, 0.3, 0.7
+    student, teacher = 3 * torch.randn(B, C, generator=g), 3 * torch.randn(B, H, C, generator=g)
+    gate = torch.randn(B, H, generator=g)
+    labels = torch.tensor([0, 3, 4])
+    total, parts = mopd.mopd_loss(student, teacher, gate, labels, T, w, w2, tau)
+    ce = mpd = mps = 0.0
+    for b in range(B):
+        y, gl = int(labels[b]), gate[b].tolist()
+        top = sorted(range(H), key=lambda h: -gl[h])[:T]           # top-T gate logits
+        pi = softmax([gl[h] for h in top])                          # softmax over the selected ones only
+        assert parts["idx"][b].tolist() == top and parts["pi"][b].tolist() == pytest.approx(pi, rel=1e-5)
+        ce -= math.log(softmax(student[b].tolist())[y]) / B
+        p_s = softmax([v / tau for v in student[b].tolist()])
+        for k, h in enumerate(top):
+            p_t = softmax([v / tau for v in teacher[b, h].tolist()])
+            kl = sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))   # KL(teacher || student)
+            mpd += pi[k] * tau ** 2 * kl / B
+            mps -= pi[k] * math.log(softmax(teacher[b, h].tolist())[y]) / B           # raw teacher logits, no tau
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(parts["mpd"]) == pytest.approx(mpd, rel=1e-5)
+    assert float(parts["mps"]) == pytest.approx(mps, rel=1e-5)
+    assert float(total) == pytest.approx(w * ce + (1 - w) * mpd + w2 * mps, rel=1e-5)
+    # the tau^2 factor: at tau = 1 the same tensors give the plain KL, which differs
+    _, at_one = mopd.mopd_loss(student, teacher, gate, labels, T, w, w2, 1.0)
+    assert float(at_one["mps"]) == pytest.approx(mps, rel=1e-5) and float(at_one["mpd"]) != pytest.approx(mpd)
+
+
+def test_mopd_loss_stays_finite_at_clip_logit_scale():
+    # teacher probabilities underflow to 0 in fp32 at logit scale 100; a hand-written p log p gives NaN there
+    student = torch.tensor([[100.0, -100.0, 0.0]])
+    teacher = torch.tensor([[[-100.0, 100.0, 0.0], [100.0, -100.0, -100.0]]])
+    total, parts = mopd.mopd_loss(student, teacher, torch.zeros(1, 2), torch.tensor([0]), 2, 0.5, 0.1, 1.0)
+    assert torch.isfinite(total)
+    ref = F.kl_div(F.log_softmax(student.double(), -1), F.softmax(teacher[0].double(), -1), reduction="none").sum(-1)
+    assert float(parts["mpd"]) == pytest.approx(float(ref.mean()), rel=1e-4)  # zero gate: pi = 1/2 each
+
+
+def test_mps_trains_only_the_gate_and_mpd_reaches_both(clip):
+    torch.manual_seed(0)
+    teacher = F.normalize(torch.randn(3, 4, clip.embed_dim), dim=-1)
+    model = mopd.MoPD(clip, EUROSAT_NAMES[:4], teacher, top_t=2)
+    feats, labels = torch.randn(6, clip.embed_dim), torch.tensor([0, 1, 2, 3, 0, 1])
+    _, parts = mopd.mopd_loss(model.logits(feats), model.teacher_logits(feats), model.gate_logits(feats), labels,
+                              2, 0.5, 0.1, 1.0)
+    ctx_grad, gate_grad = torch.autograd.grad(parts["mps"], [model.ctx, model.gate], allow_unused=True,
+                                              retain_graph=True)
+    assert ctx_grad is None and gate_grad.abs().sum() > 0
+    unselected = sorted(set(range(3)) - set(parts["idx"].flatten().tolist()))
+    assert all(gate_grad[:, h].abs().sum() == 0 for h in unselected)  # only the selected columns move
+    ctx_grad, gate_grad = torch.autograd.grad(parts["mpd"], [model.ctx, model.gate], retain_graph=True)
+    assert ctx_grad.abs().sum() > 0 and gate_grad.abs().sum() > 0     # nothing detached (official semantics)
+    ctx_grad, gate_grad = torch.autograd.grad(parts["ce"], [model.ctx, model.gate], allow_unused=True)
+    assert ctx_grad.abs().sum() > 0 and gate_grad is None
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny-wide"])
+def test_mopd_gate_width_follows_the_backbone(backbone):
+    clip_ = common.load_clip(backbone, "none")
+    templates = mopd.dataset_pool("eurosat")[:3]
+    teacher = mopd.pool_features(clip_, templates, EUROSAT_NAMES)
+    direct = F.normalize(common.encode_texts(clip_, [templates[1].format(n) for n in EUROSAT_NAMES]), dim=-1)
+    assert teacher.shape == (3, 10, clip_.embed_dim) and torch.allclose(teacher[1], direct, atol=1e-6)
+    model = mopd.MoPD(clip_, EUROSAT_NAMES, teacher, top_t=2)
+    assert model.gate.shape == (clip_.embed_dim, 3) and clip_.embed_dim != 512 and not model.gate.any()
+    feats = torch.randn(4, clip_.embed_dim)
+    total, _ = mopd.model_loss(model, feats, torch.tensor([0, 1, 2, 3]),
+                               SimpleNamespace(w=0.5, w2=0.1, tau=1.0))
+    total.backward()
+    assert model.gate.grad.shape == (clip_.embed_dim, 3) and torch.isfinite(total)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planted pool: one teacher knows the hidden context, the others are noise
+# --------------------------------------------------------------------------------------------------
+def test_mopd_gate_trusts_the_good_teacher_and_new_classes_beat_coop(clip):
+    """Image features come from the text tower with a hidden true context (all 10 classes; start context
+    at chance). The pool holds the true-context features of the 5 base classes as one teacher and 5 random
+    ones. Both methods train on the base classes from "a photo of a"; the new classes are held out. A shared
+    offset orthogonal to every class feature plays CLIP's common image direction (the planted features
+    are centred, which would leave a bias-free gate nothing to read); it changes no class similarity."""
+    names, base, new = EUROSAT_NAMES, EUROSAT_NAMES[:5], EUROSAT_NAMES[5:]
+    gen = torch.Generator().manual_seed(1)
+    true_ctx = torch.randn(4, clip.ctx_dim, generator=gen) * 0.5
+    start = common.words_to_embeddings(clip, "a photo of a")
+    prompts = common.ClassPrompts(clip, names, 4)
+    x, y = planted_features(clip, prompts, true_ctx, start, 2, seed=1)
+    xt, yt = planted_features(clip, prompts, true_ctx, start, 50, seed=2)
+    with torch.no_grad():
+        span, _ = torch.linalg.qr(torch.cat([F.normalize(prompts(c), dim=-1) for c in (true_ctx, start)]).t())
+        u = torch.randn(clip.embed_dim, generator=torch.Generator().manual_seed(5))
+        offset = F.normalize(u - span @ (span.t() @ u), dim=0)
+        good = F.normalize(common.ClassPrompts(clip, base, 4)(true_ctx), dim=-1)
+    x, xt = x + offset, xt + offset
+    train_x, train_y = x[y < 5], y[y < 5]
+    base_x, base_y, new_x, new_y = xt[yt < 5], yt[yt < 5], xt[yt >= 5], yt[yt >= 5] - 5
+    noise = [F.normalize(torch.randn(5, clip.embed_dim, generator=gen), dim=-1) for _ in range(5)]
+    teacher = torch.stack([noise[0], good, *noise[1:]])  # the good teacher is template 1 of 6
+    accuracy = [common.accuracy(common.cosine_logits(base_x, t, clip.logit_scale), base_y) for t in teacher]
+    assert accuracy[1] >= 95 and max(accuracy[:1] + accuracy[2:]) <= 40, accuracy
+
+    torch.manual_seed(0)
+    model = mopd.MoPD(clip, base, teacher, top_t=2)
+    assert common.accuracy(model.logits(new_x, new), new_y) <= 30  # the starting context is at chance
+    hyper = SimpleNamespace(w=0.5, w2=1.0, tau=1.0)
+    common.fit([model.ctx, model.gate], lambda a, b: mopd.model_loss(model, a, b, hyper)[0],
+               lambda e: (train_x, train_y), n=len(train_y), epochs=400)
+    baseline = coop.CoOp(clip, base, 4, "a photo of a")
+    common.fit([baseline.ctx], lambda a, b: coop.coop_loss(baseline, a, b), lambda e: (train_x, train_y),
+               n=len(train_y), epochs=400)
+    with torch.no_grad():
+        usage = mopd.gate_usage(model, base_x)  # held-out images of the base classes
+        mopd_new = common.accuracy(model.logits(new_x, new), new_y)
+        coop_new = common.accuracy(baseline.logits(new_x, new), new_y)
+        mopd_base = common.accuracy(model.logits(base_x, base), base_y)
+    assert usage.sum() == pytest.approx(1.0, abs=1e-5)
+    assert usage[1] >= 0.6 and max(usage[[0, 2, 3, 4, 5]]) <= 0.2, usage.tolist()
+    assert mopd_base >= 90, mopd_base
+    assert mopd_new >= coop_new, (mopd_new, coop_new)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on real EuroSAT images
+# --------------------------------------------------------------------------------------------------
+@needs_eurosat
+def test_mopd_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
+    proc = run_cli("mopd.py", *tiny_args(tmp_path, shared_cache, "--shots", "2", "--epochs", "2", "--aug-views", "1"))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "runs" / "mopd" / "eurosat" / "base2new" / "shots_2" / "seed_1"
+    res = json.loads((out / "results.json").read_text())
+    m = res["metrics"]
+    assert set(m) == {"base", "new", "H"} and m["H"] == pytest.approx(common.harmonic_mean(m["base"], m["new"]))
+    assert res["method"] == "mopd" and res["weights"] == "random" and res["classnames"] == EUROSAT_NAMES[:5]
+    assert res["eval_classnames"] == {"base": EUROSAT_NAMES[:5], "new": EUROSAT_NAMES[5:]}
+    assert res["steps_per_epoch"] == 1 and res["train"]["steps_per_epoch"] == 1  # 10 images, batch 128
+    assert "1 step per epoch" in proc.stderr
+    cfg = res["config"]
+    assert (cfg["w"], cfg["w2"], cfg["top_t"], cfg["batch_size"], cfg["epochs"]) == (0.5, 0.1, 2, 128, 2)
+    usage = res["gate_weight_per_template"]
+    assert [u["template"] for u in usage] == mopd.dataset_pool("eurosat")
+    assert sum(u["weight"] for u in usage) == pytest.approx(1.0, abs=1e-4)
+    assert all(math.isfinite(v) for v in res["final_losses"].values())
+    saved = torch.load(out / "prompt.pt")
+    assert saved["ctx"].shape == (4, 64) and saved["gate"].shape == (64, 12)
