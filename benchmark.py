@@ -4,14 +4,20 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * image-tower feature extraction, images/s (real images of --dataset, CoOp's test transform);
   * CoOp's training step and epoch over cached features (text tower forward + backward every step);
   * the text-tower speed-up of cutting prompts after the last EOT token instead of running 77 tokens;
-  * peak memory (CUDA: max allocated; CPU: max resident set size of the process).
+  * peak memory (CUDA: max allocated; CPU: max resident set size of the process);
+  * with --methods, seconds per training epoch and per step of each method's own command line (two
+    epochs on the real few-shot images; the test split gets placeholder features so that evaluation
+    does not encode thousands of images: the accuracy of these runs is meaningless by construction).
 
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
+    python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --methods coop mopd kdpl demul empl
 """
 import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +47,38 @@ def padded_to_77(prompts):
     return torch.cat([prompts.suffix, pad], dim=1)
 
 
+# Flags that make each method runnable in a benchmark on any machine (the paper's ViT-H/14 teacher or
+# the OpenAI embedder would measure something else); the rest are each method's defaults.
+METHOD_FLAGS = {"kdpl": ["--teacher", "{backbone}", "--teacher-pretrained", "none"], "demul": ["--llm", "minilm"]}
+
+
+def method_timings(args, ds, clip, device, root):
+    """Seconds per epoch and per step of each method's command line, two epochs, one cached view."""
+    cache = common.FeatureCache(root / "cache", precision=args.precision)
+    placeholder = torch.randn(len(ds.test), clip.embed_dim).half()
+    path = cache.path(clip, ds.name, "test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"rel": [it.rel for it in ds.test], "feats": placeholder}, path)
+    timings = {}
+    for method in args.methods:
+        flags = [f.format(backbone=args.backbone) for f in METHOD_FLAGS.get(method, [])]
+        cmd = [sys.executable, f"{method}.py", "--dataset", ds.name, "--shots", str(args.shots), "--backbone",
+               args.backbone, "--pretrained", "none", "--data-root", args.data_root, "--no-download", "--epochs",
+               "2", "--aug-views", "1", "--protocol", "fewshot", "--device", str(device), "--precision",
+               args.precision, "--cache-dir", str(root / "cache"), "--output", str(root / "runs"), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+        found = list((root / "runs" / method).rglob("results.json"))
+        if proc.returncode != 0 or not found:
+            timings[method] = {"error": proc.stderr.strip().splitlines()[-1:] or ["no results"]}
+            continue
+        res = json.loads(found[0].read_text())
+        steps = res.get("train", {}).get("steps_per_epoch") or res.get("steps_per_epoch")
+        epoch_s = res["times"]["training_s"] / 2
+        timings[method] = {"epoch_s": epoch_s, "step_s": epoch_s / steps, "steps_per_epoch": steps,
+                           "evaluation_s": res["times"]["evaluation_s"]}
+    return timings
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
@@ -53,6 +91,7 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", default="runs/benchmark")
+    p.add_argument("--methods", nargs="*", default=[], help="also time these methods' training (coop mopd ...)")
     args = p.parse_args()
     device = common.resolve_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
@@ -63,7 +102,7 @@ def main():
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "versions": common.versions()}
 
     # image tower: a fresh cache so every image is really encoded
-    cache = common.FeatureCache(Path(args.output) / "tmp_cache" / str(time.time_ns()), workers=args.workers,
+    cache = common.FeatureCache(Path(args.output) / "tmp" / str(time.time_ns()), workers=args.workers,
                                 precision=args.precision)
     items = ds.test[:args.images]
     start = time.perf_counter()
@@ -106,6 +145,8 @@ def main():
     full_s = timed(text_pass(suffix_full), device, args.repeats)
     result.update(text_len_cut=int(prompts.eot.max()) + 1, text_cut_s=cut_s, text_full77_s=full_s,
                   text_speedup=full_s / cut_s)
+    if args.methods:
+        result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
