@@ -77,6 +77,14 @@ class Clip:
     backbone: str
     weights: str            # identity of the weights: an open_clip tag, "file:<name>:<size>" or "random"
     device: torch.device
+    _prompts: dict = field(default_factory=dict, repr=False)
+
+    def prompts(self, classnames, n_ctx, position="end"):
+        """ClassPrompts for these names, built once per (names, n_ctx, position) and reused."""
+        key = (tuple(classnames), n_ctx, position)
+        if key not in self._prompts:
+            self._prompts[key] = ClassPrompts(self, classnames, n_ctx, position)
+        return self._prompts[key]
 
     @property
     def text(self):
@@ -238,8 +246,10 @@ class ClassPrompts(nn.Module):
         end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
         middle: [SOS] [ctx_1 .. ctx_M/2] [CLASS] [ctx_M/2+1 .. ctx_M] . [EOT]
         front:  [SOS] [CLASS] [ctx_1 .. ctx_M] . [EOT]
-    The frozen pieces are buffers; the learnable context is passed to forward(), so the method file
-    owns its parameters. Sequences are stored cut after the longest EOT position."""
+    Only token ids are stored (a 100k-name vocabulary fits), cut after the longest EOT; the frozen token
+    embeddings are looked up per call, for all names or for `rows`, a selection of them (cut again
+    after the selection's longest EOT). The learnable context is passed in, so the method file owns
+    its parameters."""
 
     def __init__(self, clip, classnames, n_ctx, position="end"):
         super().__init__()
@@ -247,42 +257,48 @@ class ClassPrompts(nn.Module):
             raise UserError(f"class token position must be end, middle or front, not {position!r}")
         self.clip, self.n_ctx, self.position = clip, n_ctx, position
         names = [name.replace("_", " ") for name in classnames]
-        placeholder = " ".join(["X"] * n_ctx)
-        tokens = tokenize(clip, [f"{placeholder} {name}." for name in names])
+        tokens = tokenize(clip, [" ".join(["X"] * n_ctx + [f"{name}."]) for name in names])
         eot = eot_positions(tokens)
-        length = int(eot.max()) + 1
-        with torch.no_grad():
-            emb = clip.text.token_embedding(tokens[:, :length]).float()
+        self.register_buffer("tokens", tokens[:, :int(eot.max()) + 1], persistent=False)
         self.register_buffer("eot", eot, persistent=False)
-        self.register_buffer("prefix", emb[:, :1], persistent=False)            # SOS
-        self.register_buffer("suffix", emb[:, 1 + n_ctx:], persistent=False)    # CLASS . EOT (pad cut)
-        # number of BPE tokens of each class name (CoOp's name_lens), for middle/front positions
-        self.name_lens = [len(clip.tokenizer.encode(name)) if hasattr(clip.tokenizer, "encode")
-                          else int(eot_positions(tokenize(clip, [name]))[0]) - 1 for name in names]
+        if position != "end":  # BPE tokens of each class name (CoOp's name_lens)
+            self.name_lens = [len(clip.tokenizer.encode(name)) for name in names]
 
-    def embed(self, ctx):
-        """ctx (M, d) shared by all classes, or (C, M, d) class-specific -> prompts (C, L, d)."""
-        n_cls = self.prefix.shape[0]
+    def token_embeddings(self, rows=None):
+        """Frozen embeddings (R, L, d) and EOT positions of the selected prompts (all when rows is None)."""
+        tokens, eot = self.tokens, self.eot
+        if rows is not None:
+            tokens, eot = tokens[rows], eot[rows]
+            tokens = tokens[:, :int(eot.max()) + 1]  # the causal mask makes later positions dead weight
+        with torch.no_grad():
+            return self.clip.text.token_embedding(tokens).float(), eot
+
+    def embed(self, ctx, rows=None):
+        """Prompts (R, L, d) around ctx: (M, d) shared by all classes, or (C, M, d) class-specific."""
+        emb, _ = self.token_embeddings(rows)
         if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        ctx = ctx.to(self.prefix.dtype)
+            ctx = ctx.unsqueeze(0).expand(len(emb), -1, -1)
+        elif rows is not None:
+            ctx = ctx[rows]
+        ctx = ctx.to(emb.dtype)
+        prefix, suffix = emb[:, :1], emb[:, 1 + self.n_ctx:]  # [SOS] and [CLASS . EOT]
         if self.position == "end":
-            return torch.cat([self.prefix, ctx, self.suffix], dim=1)
-        prompts = []
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        lens = self.name_lens if rows is None else [self.name_lens[int(r)] for r in rows]
         half = self.n_ctx // 2
-        for i, n in enumerate(self.name_lens):
-            cls, rest = self.suffix[i:i + 1, :n], self.suffix[i:i + 1, n:]
-            pre = self.prefix[i:i + 1]
+        prompts = []
+        for i, n in enumerate(lens):
+            cls, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
             if self.position == "middle":
-                parts = [pre, ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest]
+                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest]
             else:
-                parts = [pre, cls, ctx[i:i + 1], rest]
+                parts = [prefix[i:i + 1], cls, ctx[i:i + 1], rest]
             prompts.append(torch.cat(parts, dim=1))
         return torch.cat(prompts)
 
-    def forward(self, ctx):
-        """Text features (C, D) of the prompts with context ctx."""
-        return encode_embeddings(self.clip, self.embed(ctx), self.eot)
+    def forward(self, ctx, rows=None):
+        """Text features (R, D) of the prompts with context ctx (of the names in rows, or all)."""
+        return encode_embeddings(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
 
 
 def cosine_logits(image_feats, text_feats, logit_scale):

@@ -75,15 +75,11 @@ class CoOp(nn.Module):
             ctx = torch.randn(shape, device=clip.device) * 0.02  # nn.init.normal_(std=0.02)
         self.ctx = nn.Parameter(ctx)
         self.classnames = list(classnames)
-        self._prompts = {}
 
     def prompts(self, classnames):
-        key = tuple(classnames)
-        if key not in self._prompts:
-            if self.csc and key != tuple(self.classnames):
-                raise common.UserError("a class-specific context exists only for its training classes")
-            self._prompts[key] = common.ClassPrompts(self.clip, classnames, self.n_ctx, self.position)
-        return self._prompts[key]
+        if self.csc and list(classnames) != self.classnames:
+            raise common.UserError("a class-specific context exists only for its training classes")
+        return self.clip.prompts(classnames, self.n_ctx, self.position)
 
     def logits(self, image_feats, classnames=None):
         text = self.prompts(classnames or self.classnames)(self.ctx)   # g(t_i) for every class

@@ -171,17 +171,10 @@ class MoPD(nn.Module):
         self.register_buffer("teacher", teacher)  # (H, C, D)
         # W_g: bias-free, zero init (MoPD.py l.130); D = CLIP's embedding width, not a hard-coded 512
         self.gate = nn.Parameter(torch.zeros(clip.embed_dim, teacher.shape[0], device=clip.device))
-        self._prompts = {}
-
-    def prompts(self, classnames):
-        key = tuple(classnames)
-        if key not in self._prompts:
-            self._prompts[key] = common.ClassPrompts(self.clip, classnames, self.n_ctx)
-        return self._prompts[key]
 
     def logits(self, image_feats, classnames=None):
         """Student logits l^S (inference uses these only)."""
-        text = self.prompts(classnames or self.classnames)(self.ctx)
+        text = self.clip.prompts(classnames or self.classnames, self.n_ctx)(self.ctx)
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)
 
     def teacher_logits(self, image_feats):

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from PIL import Image
 import common
 import coop
 import data
+import kdpl
 import mopd
 from data import DataError, Dataset, Item
 
@@ -411,7 +413,7 @@ def test_eot_cut_text_encoding_equals_open_clip_full_77_tokens(clip):
 
 def test_eot_cut_prompt_encoding_equals_full_encoding_with_learned_context(clip):
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=16)
-    assert prompts.suffix.shape[1] + 17 < 77  # the cut really removed positions
+    assert prompts.tokens.shape[1] < 40  # the cut really removed positions
     ctx = torch.randn(16, clip.ctx_dim)
     full = full_length_encoding(clip, prompts.embed(ctx), prompts.eot)
     assert torch.allclose(prompts(ctx), full, atol=1e-5)
@@ -943,3 +945,197 @@ def test_mopd_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
     assert all(math.isfinite(v) for v in res["final_losses"].values())
     saved = torch.load(out / "prompt.pt")
     assert saved["ctx"].shape == (4, 64) and saved["gate"].shape == (64, 12)
+
+
+# --------------------------------------------------------------------------------------------------
+# kdpl.py: KDPL
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher():
+    return common.load_clip("tiny-wide", "none")
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+def test_symmetric_kl_equals_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, generator=gen) * 3, torch.randn(3, 5, generator=gen) * 3
+    p_s, p_t = s.softmax(-1), t.softmax(-1)
+    kl_ts = sum(sum(p_t[b, c] * torch.log(p_t[b, c] / p_s[b, c]) for c in range(5)) for b in range(3)) / 3
+    kl_st = sum(sum(p_s[b, c] * torch.log(p_s[b, c] / p_t[b, c]) for c in range(5)) for b in range(3)) / 3
+    assert kdpl.symmetric_kl(s, t) == pytest.approx(float(0.5 * kl_ts + 0.5 * kl_st), rel=1e-5)
+    assert kdpl.symmetric_kl(s, t, alpha=1, beta=0) == pytest.approx(float(kl_ts), rel=1e-5)  # forward
+    assert kdpl.symmetric_kl(s, t, alpha=0, beta=1) == pytest.approx(float(kl_st), rel=1e-5)  # reverse
+    assert float(kl_ts) != pytest.approx(float(kl_st), rel=1e-2)  # the two directions really differ
+    assert kdpl.symmetric_kl(t + 7, t) == pytest.approx(0, abs=1e-6)  # shift-invariant, zero at p_S = p_T
+    s.requires_grad_(True)  # the reverse term's gradient flows through its target p_S too
+    kdpl.symmetric_kl(s, t).backward()
+    p = s.detach().softmax(-1)
+    log_ratio = torch.log(p / p_t)
+    grad_rev = p * (log_ratio - (p * log_ratio).sum(-1, keepdim=True))  # d KL(p_S||p_T) / d l_S
+    assert torch.allclose(s.grad, 0.5 * (p - p_t) / 3 + 0.5 * grad_rev / 3, atol=1e-6)
+
+
+def reference_sampling(logits, k):
+    """kdpl_utils.sampling, literally (numpy argpartition of the batch-mean softmax)."""
+    probabilities = torch.nn.functional.softmax(torch.tensor(logits.numpy()), dim=1).numpy()
+    probabilities = np.average(probabilities, axis=0)
+    return np.argpartition(probabilities, -k)[-k:]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_selection_equals_the_official_sampling(seed):
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(seed)) * 10
+    for k in (1, 3, 10, 29, 30):
+        assert set(kdpl.select_classes(logits, k).tolist()) == set(reference_sampling(logits, k).tolist())
+    # the batch-mean PROBABILITY decides, not the mean logit: here the mean logit would pick class 1
+    logits = torch.tensor([[10.0, 9.0, 0.0], [0.0, 9.0, 10.5]])
+    assert kdpl.select_classes(logits, 1).tolist() == [2] and logits.mean(0).argmax() == 1
+
+
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_selected_rows_of_class_prompts_equal_prompts_of_the_selected_names(clip, position):
+    names = ["dog", "Sea or Lake", "a very long name of some rare thing with many words", "x_y", "cat"]
+    ctx = torch.randn(4, clip.ctx_dim)
+    prompts = common.ClassPrompts(clip, names, 4, position)
+    rows = torch.tensor([4, 1, 0])  # short names only: the sequences are cut shorter
+    assert prompts.embed(ctx, rows).shape[1] < prompts.tokens.shape[1]
+    expected = common.ClassPrompts(clip, [names[i] for i in rows], 4, position)(ctx)
+    assert torch.allclose(prompts(ctx, rows), expected, atol=1e-5)
+    assert torch.allclose(prompts(ctx)[rows], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- planted teacher task
+
+def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100):
+    """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
+    another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
+    features lie near their class, so its zero-shot answer is right. Training sees no labels."""
+    student = kdpl.Student(clip, EUROSAT_NAMES, "a photo of a")
+    true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
+    prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
+    train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
+    test_x, test_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 50, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    teacher_text = torch.linalg.qr(torch.randn(96, 10, generator=gen))[0].t()
+    train_t = teacher_text[train_y] + 0.3 * torch.randn(len(train_y), 96, generator=gen) / 96 ** 0.5
+    test_t = teacher_text[test_y] + 0.3 * torch.randn(len(test_y), 96, generator=gen) / 96 ** 0.5
+    teacher_acc = common.accuracy(common.cosine_logits(test_t, teacher_text, clip.logit_scale), test_y)
+    with torch.no_grad():
+        before = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
+    shuffle = torch.Generator().manual_seed(4)
+
+    def loss(feats_s, feats_t):
+        if shuffle_teacher:  # the teacher's outputs belong to other images of the batch
+            feats_t = feats_t[torch.randperm(len(feats_t), generator=shuffle)]
+        return kdpl.kdpl_loss(student, teacher_text, feats_s, feats_t, k=10)
+
+    common.fit([student.ctx], loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs)
+    with torch.no_grad():
+        after = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
+    return before, after, teacher_acc
+
+
+def test_kdpl_student_climbs_to_the_teacher_without_labels(clip):
+    before, after, teacher_acc = train_planted_kdpl(clip)
+    assert teacher_acc >= 99, teacher_acc
+    assert before <= 20, before
+    assert after >= teacher_acc - 10, (after, teacher_acc)
+
+
+def test_kdpl_with_teacher_outputs_shuffled_across_the_batch_stays_at_chance(clip):
+    before, after, _ = train_planted_kdpl(clip, shuffle_teacher=True)
+    assert before <= 20 and after <= 25, (before, after)
+
+
+# ----------------------------------------------------------------------------- no label leaks
+
+def fake_task(tmp_path, clip, names, labels, epochs=3):
+    items = []
+    for i, y in enumerate(labels):
+        path = tmp_path / f"img{i}.png"
+        if not path.exists():
+            Image.fromarray((torch.rand(48, 40 + i, 3, generator=torch.Generator().manual_seed(i)) * 255)
+                            .byte().numpy()).save(path)
+        items.append(data.Item(str(path), f"img{i}.png", y, names[y]))
+    args = kdpl.parse_args(["--epochs", str(epochs), "--batch-size", "4", "--device", "cpu"])
+    cache = common.FeatureCache(tmp_path / "cache", workers=0)
+    ds = data.Dataset("fake", items, [], [], names, "a photo of a {}.")
+    return common.Task(args, 1, clip, ds, names, items, torch.tensor(labels), {}, cache, n_views=2)
+
+
+def test_shuffled_labels_leave_the_trained_prompt_bit_identical(clip, teacher, tmp_path):
+    names = ["cat", "dog", "car", "tree"]
+    labels = [i % 4 for i in range(12)]
+    shuffled = labels[:]
+    random.Random(0).shuffle(shuffled)
+    assert shuffled != labels
+    ctxs = []
+    for lab in (labels, shuffled):
+        task = fake_task(tmp_path, clip, names, lab)
+        teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template, "fp32")
+        student = kdpl.Student(clip, names, "a photo of a")
+        stats, spent = kdpl.train(task, student, teacher, teacher_text, len(names), task.args, seed=1)
+        ctxs.append(student.ctx.detach().clone())
+    assert stats["steps_per_epoch"] == 3 and spent["teacher"] == 0.0  # the second run read the cache
+    assert torch.equal(ctxs[0], ctxs[1])
+    assert not torch.equal(ctxs[0], common.words_to_embeddings(clip, "a photo of a"))  # it did train
+
+
+# ---------------------------------------------------------------------------- command line, real EuroSAT
+
+def kdpl_args(tmp_path, cache, *extra):
+    return [*tiny_args(tmp_path, cache), "--teacher", "tiny-wide", "--teacher-pretrained", "none", *extra]
+
+
+@needs_eurosat
+def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(tmp_path, shared_cache):
+    proc = run_cli("kdpl.py", *kdpl_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views", "1"))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "runs/kdpl/eurosat/fewshot/shots_1/seed_1"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["metrics"]) == {"accuracy"} and res["backbone"] == "tiny" and res["weights"] == "random"
+    assert res["teacher"]["backbone"] == "tiny-wide" and res["teacher"]["weights"] == "random"
+    assert set(res["teacher"]["zero_shot"]) == {"accuracy"}
+    assert res["teacher"]["train_template"] == "a centered satellite photo of {}."
+    assert res["k"] == 10 and res["class_agnostic"] is False and res["dictionary"] is None
+    assert res["config"]["epochs"] == 2 and res["config"]["ctx_init"] == "a photo of a"
+    # the student's test features may already be cached by another method's test: only the teacher's must be new
+    assert res["times"]["teacher_feature_extraction_s"] > 0 and res["times"]["student_feature_extraction_s"] >= 0
+    assert len(res["train"]["loss_per_epoch"]) == 2 and torch.load(out / "prompt.pt")["ctx"].shape == (4, 64)
+    assert "teacher tiny-wide (random) zero-shot" in proc.stdout
+
+    names = tmp_path / "dict.csv"  # KDPL's dictionary format, without EuroSAT's class names
+    names.write_text("ClassName\n" + "\n".join(["forest", "river", "highway", "farm", "sea", "city", "meadow",
+                                                "factory", "orchard", "lake", "dog", "car"]) + "\n")
+    proc = run_cli("kdpl.py", *kdpl_args(tmp_path, shared_cache, "--shots", "2", "--epochs", "1", "--aug-views",
+                                         "1", "--protocol", "base2new", "--class-agnostic", "--dictionary",
+                                         str(names), "--k-max", "5"))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "runs/kdpl_ca/eurosat/base2new/shots_2/seed_1/results.json").read_text())
+    m = res["metrics"]
+    assert set(m) == {"base", "new", "H", "base_to_unseen"} and m["base_to_unseen"] == m["new"]
+    assert set(res["teacher"]["zero_shot"]) == {"base", "new", "H"}
+    assert res["method"] == "kdpl_ca" and res["k"] == 5 and res["dictionary"]["size"] == 12
+    assert res["teacher"]["train_template"] == "a photo of a {}."
+    assert res["times"]["images_encoded"] <= 2 * 10  # test features came from the cache; only train views
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dictionary", "names.txt"], "--class-agnostic"),
+    (["--k-max", "0"], "--k-max"),
+    (["--ctx-init", " "], "--ctx-init"),
+])
+def test_kdpl_bad_flags_get_one_clear_message(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as err:
+        kdpl.parse_args([*kdpl_args(tmp_path, "cache"), *extra])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kdpl_k_max_above_the_dictionary_size_is_refused_before_any_work(tmp_path):
+    (tmp_path / "d.txt").write_text("dog\ncat\n")
+    with pytest.raises(SystemExit) as err:  # in process: fails before loading data or towers
+        kdpl.main(kdpl_args(tmp_path, str(tmp_path / "cache"), "--class-agnostic", "--dictionary",
+                            str(tmp_path / "d.txt")))
+    assert "--k-max 1000 exceeds the 2 names" in str(err.value.code)
+    assert not (tmp_path / "cache").exists()
