@@ -421,6 +421,15 @@ def coop_lr(epoch, base_lr, max_epoch, warmup_lr=1e-5):
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / max_epoch))
 
 
+FEWSHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp configs: *_ep50, *_ep100, default (200)
+IMAGENET_EPOCHS = 50                                        # CoOp's ImageNet configs (rn50_ep50, vit_b16_ep50)
+
+
+def fewshot_epochs(dataset, shots):
+    """CoOp's few-shot epochs for a shot count (None where the official configs have none)."""
+    return IMAGENET_EPOCHS if data.canonical_name(dataset) == "imagenet" else FEWSHOT_EPOCHS.get(shots)
+
+
 def steps_per_epoch(n, batch_size):
     """Dassl: drop_last = len(dataset) >= batch_size, so a set smaller than a batch is one batch."""
     steps = n // batch_size if n >= batch_size else (1 if n > 0 else 0)

@@ -21,11 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import data
 
-EPOCHS_FEWSHOT = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # *_ep50 / *_ep100 / default configs
-EPOCHS_IMAGENET = 50                                        # rn50_ep50.yaml, vit_b16_ep50*.yaml
-EPOCHS_BASE2NEW = 200                                       # vit_b16_ctxv1 (CoCoOp's CoOp baseline)
+EPOCHS_BASE2NEW = 200  # vit_b16_ctxv1 (CoCoOp's CoOp baseline); few-shot: common.FEWSHOT_EPOCHS
 
 
 def parse_args(argv=None):
@@ -50,13 +47,9 @@ def parse_args(argv=None):
         p.error(f'--n-ctx {args.n_ctx} contradicts --ctx-init "{args.ctx_init}" ({len(args.ctx_init.split())} '
                 f'words); the official code silently ignores N_CTX in that case, here you choose one')
     if args.epochs is None and not args.zero_shot:
-        if data.canonical_name(args.dataset) == "imagenet":
-            args.epochs = EPOCHS_IMAGENET
-        elif base2new:
-            args.epochs = EPOCHS_BASE2NEW
-        elif args.shots in EPOCHS_FEWSHOT:
-            args.epochs = EPOCHS_FEWSHOT[args.shots]
-        else:
+        official = common.fewshot_epochs(args.dataset, args.shots)
+        args.epochs = EPOCHS_BASE2NEW if base2new and official != common.IMAGENET_EPOCHS else official
+        if args.epochs is None:
             p.error(f"no official epoch count for {args.shots} shots; pass --epochs")
     return args
 

