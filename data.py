@@ -300,8 +300,10 @@ def load_dataset(name: str, data_root: str, download: bool = True) -> Dataset:
     src = DATASETS[key]
     root = os.path.abspath(os.path.expanduser(data_root))
     if not os.path.isdir(root):
-        raise DataError(f"data root {root} does not exist: create it, or pass --data-root DIR "
-                        f"pointing at the folder that holds {src.folder}/")
+        if not (download and src.tv):
+            raise DataError(f"data root {root} does not exist: create it, or pass --data-root DIR "
+                            f"pointing at the folder that holds {src.folder}/")
+        os.makedirs(root)  # a new user's first run: torchvision fills it below
     image_dir = os.path.join(root, src.folder, src.images)
     if not os.path.isdir(image_dir) and not (download and src.tv):
         raise DataError(_missing(key, root, f"{image_dir} does not exist."))

@@ -187,8 +187,21 @@ def test_error_unknown_name_and_missing_root(tmp_path):
         data.load_dataset("cifar10", str(tmp_path))
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match="--data-root") as e:
-        data.load_dataset("eurosat", str(missing))
+        data.load_dataset("eurosat", str(missing), download=False)
     assert str(missing) in str(e.value)
+    with pytest.raises(DataError, match="--data-root"):  # nothing to download it with
+        data.load_dataset("stanford_cars", str(missing))
+    assert not missing.exists()
+
+
+def test_a_new_users_missing_data_root_is_created_for_the_download(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="offline"):
+        data.load_dataset("eurosat", str(root))
+    assert root.is_dir()
 
 
 def test_error_missing_split_without_download(tmp_path):
