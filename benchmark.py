@@ -28,18 +28,6 @@ import coop
 import data
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
 def padded_to_77(x):
     """The same prompts without the EOT cut: padded with the padding token's embedding to 77 positions."""
     return torch.cat([x, x[:, -1:].detach().expand(-1, 77 - x.shape[1], -1)], dim=1)
@@ -124,7 +112,7 @@ def main():
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result["train_step_s"] = timed(step, device, args.repeats)
+    result["train_step_s"] = common.seconds(step, args.repeats)
     result["train_epoch_s"] = result["train_step_s"] * steps
     result["steps_per_epoch"] = steps
 
@@ -138,8 +126,8 @@ def main():
                 common.encode_embeddings(clip, padded_to_77(x) if pad else x, prompts.eot).float().sum().backward()
         return run
 
-    cut_s = timed(text_pass(False), device, args.repeats)
-    full_s = timed(text_pass(True), device, args.repeats)
+    cut_s = common.seconds(text_pass(False), args.repeats)
+    full_s = common.seconds(text_pass(True), args.repeats)
     result.update(text_len_cut=prompts.tokens.shape[1], text_cut_s=cut_s, text_full77_s=full_s,
                   text_speedup=full_s / cut_s)
     if args.methods:

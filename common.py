@@ -177,6 +177,18 @@ def _create_open_clip(backbone, pretrained):
 # --------------------------------------------------------------------------------------------------
 # Text tower at the embedding level
 # --------------------------------------------------------------------------------------------------
+def seconds(fn, repeat=3):
+    """Mean wall time of fn() after one warm-up call, synchronised on CUDA (for cost comparisons)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
 def tokenize(clip, texts):
     return clip.tokenizer(texts).to(clip.device)
 
@@ -198,27 +210,30 @@ def run_text_blocks(clip, x, start=0, stop=None):
     return x if text.transformer.batch_first else x.transpose(0, 1)
 
 
-def encode_embeddings(clip, x, eot, from_layer=0):
-    """Text features from token embeddings x (N, L, width), or, with from_layer = l > 0, from the hidden
-    states entering transformer block l (the hook EMPL uses to act on the top layers only).
+def encode_embeddings(clip, x, eot):
+    """Text features (N, D) from token embeddings x (N, L, width): positional embedding, causal
+    transformer, ln_final, the feature at the EOT token, projection.
 
     Because the mask is causal and the output is read at the EOT token, every position after the
     longest EOT is dead weight: callers pass sequences cut to max(eot) + 1 (test_methods proves that
     the result equals the full 77-token encoding)."""
-    text = clip.text
-    if from_layer == 0:
-        x = x + text.positional_embedding[: x.shape[1]].to(x.dtype)
-    x = run_text_blocks(clip, x, start=from_layer)
-    x = text.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
-    proj = text.text_projection
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return encode_hidden(clip, hidden_states(clip, x, 0), eot, 0)
 
 
 def hidden_states(clip, x, layer):
-    """Hidden states entering block `layer` for token embeddings x (positional embedding added here)."""
+    """Hidden states entering transformer block `layer` for token embeddings x (layer 0: x + positions)."""
     x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
     return run_text_blocks(clip, x, stop=layer)
+
+
+def encode_hidden(clip, h, eot, layer):
+    """Text features from hidden states h entering block `layer`: the rest of the tower. The hook EMPL
+    uses to act on the prompt inside the top layers only."""
+    text = clip.text
+    x = text.ln_final(run_text_blocks(clip, h, start=layer))
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    proj = text.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 @torch.no_grad()
