@@ -607,7 +607,8 @@ def base_parser(description):
     """The flags every method shares (DESIGN.md conventions). Defaults here are CoOp's; a method sets
     its own with parser.set_defaults(...)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="eurosat", help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")
+    p.add_argument("--dataset", default="eurosat", type=_dataset_name,
+                   help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")
     p.add_argument("--shots", type=int, default=16, help="training images per class (1, 2, 4, 8, 16)")
     p.add_argument("--seed", type=int, default=1, help="seed of the few-shot subset and of training")
     p.add_argument("--seeds", type=int, nargs="+", help="run several seeds and report mean ± std (overrides --seed)")
@@ -632,6 +633,14 @@ def base_parser(description):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     return p
+
+
+def _dataset_name(name):
+    """--dataset as data.py's canonical key; an unknown name is a usage error listing the valid ones."""
+    try:
+        return data.canonical_name(name)
+    except data.DataError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run_dir(args, method, seed):

@@ -660,6 +660,14 @@ def test_coop_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
 # --------------------------------------------------------------------------------------------------
 # Bad input: one clear message, non-zero exit, no traceback
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [coop, kdpl, mopd, demul, empl])
+def test_every_method_refuses_an_unknown_dataset_with_one_message(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--dataset", "nosuchset"])
+    assert exit_.value.code == 2
+    assert "unknown dataset 'nosuchset'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "nosuchset"], "unknown dataset"),
     (["--backbone", "ViT-Q-99"], "unknown backbone"),
