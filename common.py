@@ -548,7 +548,8 @@ class Task:
         return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
 
     def evaluate(self, predict):
-        """predict(classnames, image_feats) -> logits. Returns accuracies (and H for base-to-new)."""
+        """predict(classnames, image_feats) -> logits. Returns accuracies: "accuracy" (few-shot) or "base",
+        "new" and "H" (base-to-new), plus one per --eval-on dataset, under its name."""
         start = time.perf_counter()
         metrics = {}
         with torch.no_grad(), autocast(self.clip.device, self.args.precision):
@@ -584,9 +585,12 @@ def prepare(args, seed, backbone=None, pretrained=None):
     else:
         classnames = ds.classnames
         splits = {"all": (ds.classnames, ds.test)}
+    for target in args.eval_on:  # cross-dataset / domain generalisation: the same prompt, the target's classes
+        tds = data.load_dataset(target, args.data_root, download=not args.no_download)
+        splits[tds.name] = (tds.classnames, tds.test)
     evals = {}
     for which, (names, test) in splits.items():
-        feats = cache.get(clip, ds.name, test, "test")
+        feats = cache.get(clip, ds.name if which in ("all", "base", "new") else which, test, "test")
         evals[which] = EvalSet(names, feats, torch.tensor([it.label for it in test], device=device))
     labels = torch.tensor([it.label for it in train], device=device)
     return Task(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
@@ -614,6 +618,10 @@ def base_parser(description):
     p.add_argument("--seeds", type=int, nargs="+", help="run several seeds and report mean ± std (overrides --seed)")
     p.add_argument("--protocol", default="fewshot", choices=["fewshot", "base2new"],
                    help="fewshot: all classes; base2new: train on the base half, test on base and new")
+    p.add_argument("--eval-on", nargs="+", default=[], type=_dataset_name, metavar="DATASET",
+                   help="also test the learned prompt on these datasets' test splits with their own classes: "
+                        "cross-dataset (e.g. train imagenet, --eval-on caltech101 dtd ...) or domain "
+                        "generalisation (--eval-on imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
     p.add_argument("--backbone", default="ViT-B-16", help="open_clip architecture, or tiny / tiny-wide for tests")
     p.add_argument("--pretrained", default="openai", help="open_clip weights tag, a checkpoint file, or none")
     p.add_argument("--data-root", default="./data", help="folder holding the datasets in CoOp's layout")

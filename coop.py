@@ -39,6 +39,9 @@ def parse_args(argv=None):
     if args.csc and base2new:
         p.error("--csc learns one context per training class, so it has nothing to offer the new classes of "
                 "base2new (CoOp issue #69); drop --csc or use --protocol fewshot")
+    if args.csc and args.eval_on:
+        p.error("--csc learns one context per training class; it cannot be tested on other datasets' classes "
+                "(--eval-on); drop one of them")
     if args.ctx_init is None:
         args.ctx_init = "a photo of a" if base2new else ""
     if args.n_ctx is None:

@@ -657,6 +657,31 @@ def test_coop_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
     assert "over seeds [1, 2]" in proc.stdout
 
 
+@needs_eurosat
+def test_cross_dataset_evaluation_tests_the_prompt_on_another_datasets_classes(tmp_path, shared_cache):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "eurosat").symlink_to(SHARED_DATA / "eurosat")
+    names = ["banded", "blotchy", "braided"]
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(names):
+        (root / "dtd" / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(root / "dtd/images" / name / f"{i}.jpg")
+            split["test" if i else "train"].append([f"{name}/{i}.jpg", label, name])
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    args = tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "1", "--aug-views", "1",
+                     "--eval-on", "DescribableTextures")
+    args[args.index("--data-root") + 1] = str(root)
+    proc = run_cli("coop.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "runs/coop/eurosat/fewshot/shots_1/seed_1/results.json").read_text())
+    assert set(res["metrics"]) == {"accuracy", "dtd"}
+    assert res["eval_classnames"]["dtd"] == names and res["eval_classnames"]["all"] == EUROSAT_NAMES
+    proc = run_cli("coop.py", *args, "--csc")
+    assert proc.returncode != 0 and "--eval-on" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: one clear message, non-zero exit, no traceback
 # --------------------------------------------------------------------------------------------------
