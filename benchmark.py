@@ -35,7 +35,8 @@ def padded_to_77(x):
 
 # Flags that make each method runnable in a benchmark on any machine (the paper's ViT-H/14 teacher or
 # the OpenAI embedder would measure something else); the rest are each method's defaults.
-METHOD_FLAGS = {"kdpl": ["--teacher", "{backbone}", "--teacher-pretrained", "none"], "demul": ["--llm", "minilm"]}
+METHOD_FLAGS = {"kdpl": ["--teacher", "{backbone}", "--teacher-pretrained", "none"],
+                "demul": ["--llm", "minilm", "--pretrain-names", "1000"]}
 
 
 def method_timings(args, ds, clip, device, root):
