@@ -311,6 +311,22 @@ class ClassPrompts(nn.Module):
             prompts.append(torch.cat(parts, dim=1))
         return torch.cat(prompts)
 
+    def context_mask(self, rows=None):
+        """(R, L, 1): 1 at the positions embed() fills with context, 0 at SOS, class, "." and EOT."""
+        emb, _ = self.token_embeddings(rows)
+        mask = torch.zeros(emb.shape[0], emb.shape[1], 1, device=emb.device)
+        if self.position == "end":
+            mask[:, 1:1 + self.n_ctx] = 1
+            return mask
+        lens = self.name_lens if rows is None else [self.name_lens[int(r)] for r in rows]
+        half = self.n_ctx // 2
+        for i, n in enumerate(lens):
+            if self.position == "middle":
+                mask[i, 1:1 + half] = mask[i, 1 + half + n:1 + self.n_ctx + n] = 1
+            else:
+                mask[i, 1 + n:1 + n + self.n_ctx] = 1
+        return mask
+
     def forward(self, ctx, rows=None):
         """Text features (R, D) of the prompts with context ctx (of the names in rows, or all)."""
         return encode_embeddings(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
@@ -519,7 +535,9 @@ def harmonic_mean(base, new):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class EvalSet:
+    dataset: str      # the dataset its images come from (the training one, or an --eval-on target)
     classnames: list
+    items: list       # test images, so another tower (KDPL's teacher) can be evaluated on the same set
     feats: torch.Tensor
     labels: torch.Tensor
 
@@ -590,8 +608,9 @@ def prepare(args, seed, backbone=None, pretrained=None):
         splits[tds.name] = (tds.classnames, tds.test)
     evals = {}
     for which, (names, test) in splits.items():
-        feats = cache.get(clip, ds.name if which in ("all", "base", "new") else which, test, "test")
-        evals[which] = EvalSet(names, feats, torch.tensor([it.label for it in test], device=device))
+        source = ds.name if which in ("all", "base", "new") else which
+        evals[which] = EvalSet(source, names, test, cache.get(clip, source, test, "test"),
+                               torch.tensor([it.label for it in test], device=device))
     labels = torch.tensor([it.label for it in train], device=device)
     return Task(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
 

@@ -126,9 +126,7 @@ class EMPL(nn.Module):
         for prompts, rows in blocks:
             x = prompts.embed(self.ctx, rows)
             H = common.hidden_states(self.clip, x, self.layer)
-            one, zero = torch.ones_like(self.ctx), torch.zeros_like(self.ctx)
-            # reconstruction: SGLD moves the context positions only (R2)
-            mask = (prompts.embed(one, rows) != prompts.embed(zero, rows)).any(-1, keepdim=True).float()
+            mask = prompts.context_mask(rows)  # reconstruction: SGLD moves the context positions only (R2)
             states.append((H.float(), mask, prompts.eot if rows is None else prompts.eot[rows]))
         L = max(H.shape[1] for H, _, _ in states)
         pad = lambda t: F.pad(t, (0, 0, 0, L - t.shape[1]))

@@ -136,21 +136,13 @@ def train(task, student, teacher, teacher_text, k, args, seed):
 
 
 def teacher_zero_shot(task, teacher):
-    """The teacher's zero-shot accuracy with the dataset template, on the test sets common.prepare builds."""
-    ds, args = task.dataset, task.args
-    tests = {"accuracy": (ds.classnames, ds.test)}
-    if args.protocol == "base2new":  # Dassl: classes from the few-shot train set, base = first half
-        train, _ = data.fewshot_split(ds, args.shots, task.seed)
-        for which in ("base", "new"):
-            names, (_, test) = data.subsample_classes(ds, which, train, ds.test)
-            tests[which] = (names, test)
-        del tests["accuracy"]
+    """The teacher's zero-shot accuracy with the dataset template, on the student's evaluation sets."""
     metrics = {}
-    for which, (names, test) in tests.items():
-        feats = task.cache.get(teacher, ds.name, test, "test")
-        text = teacher_text_features(teacher, names, ds.template, args.precision)
-        labels = torch.tensor([it.label for it in test], device=feats.device)
-        metrics[which] = common.accuracy(common.cosine_logits(feats, text, task.clip.logit_scale), labels)
+    for which, ev in task.evals.items():
+        feats = task.cache.get(teacher, ev.dataset, ev.items, "test")
+        text = teacher_text_features(teacher, ev.classnames, data.TEMPLATES[ev.dataset], task.args.precision)
+        logits = common.cosine_logits(feats, text, task.clip.logit_scale)
+        metrics["accuracy" if which == "all" else which] = common.accuracy(logits, ev.labels)
     if "base" in metrics:
         metrics["H"] = common.harmonic_mean(metrics["base"], metrics["new"])
     return metrics

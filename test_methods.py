@@ -451,6 +451,16 @@ def test_class_token_positions_place_the_context_where_coop_does(clip, position,
     assert torch.allclose(prompts(ctx), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_context_mask_marks_exactly_the_positions_the_context_fills(clip, position):
+    prompts = common.ClassPrompts(clip, ["Sea or Lake", "dog", "Annual Crop Land"], n_ctx=4, position=position)
+    rows = torch.tensor([2, 0])
+    for r in (None, rows):
+        moved = prompts.embed(torch.ones(4, clip.ctx_dim), r) != prompts.embed(torch.zeros(4, clip.ctx_dim), r)
+        assert torch.equal(prompts.context_mask(r), moved.any(-1, keepdim=True).float())
+        assert int(prompts.context_mask(r).sum()) == 4 * (3 if r is None else 2)
+
+
 def test_entering_the_text_tower_at_a_layer_gives_the_same_features(clip):
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
     x = prompts.embed(torch.randn(4, clip.ctx_dim))
