@@ -967,7 +967,7 @@ def test_mopd_gate_trusts_the_good_teacher_and_new_classes_beat_coop(clip):
     noise = [F.normalize(torch.randn(5, clip.embed_dim, generator=gen), dim=-1) for _ in range(5)]
     teacher = torch.stack([noise[0], good, *noise[1:]])  # the good teacher is template 1 of 6
     accuracy = [common.accuracy(common.cosine_logits(base_x, t, clip.logit_scale), base_y) for t in teacher]
-    assert accuracy[1] >= 95 and max(accuracy[:1] + accuracy[2:]) <= 40, accuracy
+    assert accuracy[1] >= 95 and max(accuracy[:1] + accuracy[2:]) <= 50, accuracy  # noise teachers: near chance (20 %)
 
     torch.manual_seed(0)
     model = mopd.MoPD(clip, base, teacher, top_t=2)
@@ -1747,6 +1747,7 @@ def test_init_from_a_coop_prompt_checks_compatibility(clip, tmp_path):
 
 
 @needs_eurosat
+@needs_wordnet
 def test_empl_cli_base2new_on_real_eurosat(tmp_path, shared_cache):
     proc = run_cli("empl.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views", "1",
                                          "--sgld-steps", "1", "--samples", "1", "--vocab-pool", "200"))
