@@ -178,10 +178,12 @@ def pretrain_maps(u, v, hidden, epochs, lr, batch_size=256, seed=0):
 
 
 def name_set(args, classnames):
-    """D_name: WordNet nouns or --names, subsampled with seed 0, always holding the dataset's class names."""
+    """D_name: WordNet nouns or --names, subsampled with seed 0, always holding the dataset's class names;
+    one spelling per prompt (data.prompt_key: CLIP's tokenizer lower-cases, so "Forest" = "forest")."""
     pool = data.read_names(args.names) if args.names else data.wordnet_nouns()
-    keep = list(dict.fromkeys(n.replace("_", " ") for n in classnames))
-    pool = [n for n in dict.fromkeys(pool) if n not in set(keep)]
+    keep = data.unique_names(n.replace("_", " ") for n in classnames)
+    taken = {data.prompt_key(n) for n in keep}
+    pool = [n for n in pool if data.prompt_key(n) not in taken]
     k = max(args.pretrain_names - len(keep), 0) if args.pretrain_names else len(pool)
     return keep + (random.Random(0).sample(pool, k) if k < len(pool) else pool)  # reconstruction: seed 0
 

@@ -373,6 +373,10 @@ def test_wordnet_nouns_are_read_from_debians_files():
     nouns = data.wordnet_nouns()
     assert len(nouns) > 100_000 and len(set(nouns)) == len(nouns)
     assert nouns[0] == "entity" and "dog" in nouns and "physical entity" in nouns  # "_" became " "
+    # no two names make the same prompt (the tokenizer lower-cases): 1,221 groups such as state / State are
+    # kept once, with the first spelling in file order
+    assert len({data.prompt_key(n) for n in nouns}) == len(nouns)
+    assert "state" in nouns and "State" not in nouns and "shape" in nouns and "SHAPE" not in nouns
 
 
 def test_names_files_in_kdpl_csv_and_plain_text_formats(tmp_path):
@@ -380,8 +384,10 @@ def test_names_files_in_kdpl_csv_and_plain_text_formats(tmp_path):
     csv_file.write_text('ClassName,Other\n"Cucumber, gourd, and melon family",1\ncar,2\ncar,3\n')
     assert data.read_names(str(csv_file)) == ["Cucumber, gourd, and melon family", "car"]
     txt = tmp_path / "names.txt"
-    txt.write_text("dog\n\n cat \ndog\n")
-    assert data.read_names(str(txt)) == ["dog", "cat"]
+    txt.write_text("dog\n\n cat \ndog\nDog\nhot_dog\nHot  dog\n")  # one prompt per name, as the tokenizer sees it
+    assert data.read_names(str(txt)) == ["dog", "cat", "hot_dog"]
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    assert torch.equal(tokenizer(["a photo of a Hot  dog."]), tokenizer(["a photo of a hot dog."]))
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(DataError, match="holds no names"):
         data.read_names(str(tmp_path / "empty.txt"))
@@ -1334,7 +1340,10 @@ def test_stage1_cache_is_keyed_and_reused(clip, tmp_path):
 
 def test_name_set_keeps_class_names_and_is_seed_independent(tmp_path):
     f = tmp_path / "names.txt"
-    f.write_text("\n".join(f"noun {i}" for i in range(50)) + "\nForest\n")
+    f.write_text("\n".join(f"noun {i}" for i in range(50)) + "\nForest\nforest\nsea or lake\n")
+    args = argparse.Namespace(names=str(f), pretrain_names=0)
+    names = demul.name_set(args, EUROSAT_NAMES)  # the class names once, whatever their case in the file
+    assert names[:10] == EUROSAT_NAMES and len(names) == 60 and "forest" not in names and "sea or lake" not in names
     args = argparse.Namespace(names=str(f), pretrain_names=20)
     names = demul.name_set(args, EUROSAT_NAMES)
     assert names[:10] == EUROSAT_NAMES and len(names) == len(set(names)) == 20
