@@ -1049,6 +1049,40 @@ def test_symmetric_kl_equals_hand_computation():
     assert torch.allclose(s.grad, 0.5 * (p - p_t) / 3 + 0.5 * grad_rev / 3, atol=1e-6)
 
 
+def hand_kdpl_loss(s_feats, s_text, t_feats, t_text, k, student_scale, teacher_scale=None, bottom=False):
+    """kdpl_loss in plain Python: teacher logits at teacher_scale (the official code: the student's scale),
+    the K classes of largest (bottom: smallest) batch-mean teacher probability, 1/2 KL(T||S) + 1/2 KL(S||T)."""
+    teacher_scale = student_scale if teacher_scale is None else teacher_scale
+    B, C = len(t_feats), len(t_text)
+    l_t = [[teacher_scale * cos(t_feats[b], t_text[c]) for c in range(C)] for b in range(B)]
+    p_bar = [sum(softmax(row)[c] for row in l_t) / B for c in range(C)]
+    rows = sorted(range(C), key=lambda c: p_bar[c], reverse=not bottom)[:k]
+    total = 0.0
+    for b in range(B):
+        p_t = softmax([l_t[b][c] for c in rows])
+        p_s = softmax([student_scale * cos(s_feats[b], s_text[c]) for c in rows])
+        total += 0.5 * sum(t * math.log(t / q) for t, q in zip(p_t, p_s)) + 0.5 * sum(
+            q * math.log(q / t) for t, q in zip(p_t, p_s))
+    return total / B
+
+
+def test_kdpl_loss_by_hand_with_k_below_c_and_a_student_scale_of_its_own():
+    """K = 2 of C = 6 classes, and a student whose logit scale (30) is neither 1, nor 100, nor anything the
+    teacher has: the value pins down the top-K selection and the scale of the teacher logits."""
+    g = torch.Generator().manual_seed(0)
+    t_text, t_feats = torch.randn(6, 7, generator=g), torch.randn(4, 7, generator=g)  # teacher space: 7-d
+    s_text, s_feats = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g)  # student space: 5-d
+    student = SimpleNamespace(clip=SimpleNamespace(logit_scale=torch.tensor(30.0)), text_features=lambda rows: s_text[rows])
+    args = [x.tolist() for x in (s_feats, s_text, t_feats, t_text)]
+    hand = hand_kdpl_loss(*args, k=2, student_scale=30.0)
+    assert kdpl.kdpl_loss(student, t_text, s_feats, t_feats, k=2).item() == pytest.approx(hand, rel=1e-5)
+    # what this value rules out: the bottom K classes, or teacher logits at a temperature of 1 or 100
+    for wrong in (hand_kdpl_loss(*args, k=2, student_scale=30.0, bottom=True),
+                  hand_kdpl_loss(*args, k=2, student_scale=30.0, teacher_scale=1.0),
+                  hand_kdpl_loss(*args, k=2, student_scale=30.0, teacher_scale=100.0)):
+        assert abs(wrong - hand) > 0.05 * hand, (wrong, hand)
+
+
 def reference_sampling(logits, k):
     """kdpl_utils.sampling, literally (numpy argpartition of the batch-mean softmax)."""
     probabilities = torch.nn.functional.softmax(torch.tensor(logits.numpy()), dim=1).numpy()
@@ -1080,20 +1114,28 @@ def test_selected_rows_of_class_prompts_equal_prompts_of_the_selected_names(clip
 
 # ------------------------------------------------------------------------- planted teacher task
 
-def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100):
+DISTRACTORS = ["piano", "volcano", "tennis ball", "submarine", "giraffe", "violin", "teapot", "snowman",
+               "umbrella", "lighthouse", "cactus", "saxophone", "pineapple", "helicopter", "octopus", "bicycle",
+               "chess board", "lantern", "kangaroo", "microscope"]
+
+
+def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10):
     """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
     another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
-    features lie near their class, so its zero-shot answer is right. Training sees no labels."""
-    student = kdpl.Student(clip, EUROSAT_NAMES, "a photo of a")
+    features lie near their class, so its zero-shot answer is right. Training sees no labels. With
+    distractors, the training names are the true classes + names no image shows (KDPL-CA's dictionary),
+    K of them are selected per batch, and the student is tested on the true classes only."""
+    vocab = EUROSAT_NAMES + list(distractors)
+    student = kdpl.Student(clip, vocab, "a photo of a")
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
     test_x, test_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 50, seed=2)
     gen = torch.Generator().manual_seed(3)
-    teacher_text = torch.linalg.qr(torch.randn(96, 10, generator=gen))[0].t()
+    teacher_text = torch.linalg.qr(torch.randn(96, len(vocab), generator=gen))[0].t()
     train_t = teacher_text[train_y] + 0.3 * torch.randn(len(train_y), 96, generator=gen) / 96 ** 0.5
     test_t = teacher_text[test_y] + 0.3 * torch.randn(len(test_y), 96, generator=gen) / 96 ** 0.5
-    teacher_acc = common.accuracy(common.cosine_logits(test_t, teacher_text, clip.logit_scale), test_y)
+    teacher_acc = common.accuracy(common.cosine_logits(test_t, teacher_text[:10], clip.logit_scale), test_y)
     with torch.no_grad():
         before = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
     shuffle = torch.Generator().manual_seed(4)
@@ -1101,7 +1143,7 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100):
     def loss(feats_s, feats_t):
         if shuffle_teacher:  # the teacher's outputs belong to other images of the batch
             feats_t = feats_t[torch.randperm(len(feats_t), generator=shuffle)]
-        return kdpl.kdpl_loss(student, teacher_text, feats_s, feats_t, k=10)
+        return kdpl.kdpl_loss(student, teacher_text, feats_s, feats_t, k=k)
 
     common.fit([student.ctx], loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs)
     with torch.no_grad():
@@ -1119,6 +1161,14 @@ def test_kdpl_student_climbs_to_the_teacher_without_labels(clip):
 def test_kdpl_with_teacher_outputs_shuffled_across_the_batch_stays_at_chance(clip):
     before, after, _ = train_planted_kdpl(clip, shuffle_teacher=True)
     assert before <= 20 and after <= 25, (before, after)
+
+
+def test_class_agnostic_kdpl_learns_the_true_classes_among_distractor_names(clip):
+    """KDPL-CA: 30 training names (10 true classes + 20 names no image shows), K = 12 < 30 selected per
+    batch by the teacher; tested on the 10 true classes. Distilling on the wrong K classes cannot do this."""
+    before, after, teacher_acc = train_planted_kdpl(clip, distractors=DISTRACTORS, k=12, epochs=50)
+    assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
+    assert after >= 80, after
 
 
 # ----------------------------------------------------------------------------- no label leaks
@@ -1165,33 +1215,54 @@ def kdpl_args(tmp_path, cache, *extra):
 def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(tmp_path, shared_cache):
     proc = run_cli("kdpl.py", *kdpl_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views", "1"))
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "runs/kdpl/eurosat/fewshot/shots_1/seed_1"
+    out = tmp_path / "runs/kdpl/eurosat/base2new/shots_1/seed_1"  # base-to-new by default, as the official scripts
     res = json.loads((out / "results.json").read_text())
-    assert set(res["metrics"]) == {"accuracy"} and res["backbone"] == "tiny" and res["weights"] == "random"
+    m = res["metrics"]
+    assert set(m) == {"base", "new", "H", "base_to_unseen"} and m["base_to_unseen"] == m["new"]
+    assert res["backbone"] == "tiny" and res["weights"] == "random"
     assert res["teacher"]["backbone"] == "tiny-wide" and res["teacher"]["weights"] == "random"
-    assert set(res["teacher"]["zero_shot"]) == {"accuracy"}
+    assert set(res["teacher"]["zero_shot"]) == {"base", "new", "H"}  # 8,100 test images: auto runs it
+    assert res["teacher"]["zero_shot_eval"]["ran"] and res["teacher"]["zero_shot_eval"]["mode"] == "auto"
     assert res["teacher"]["train_template"] == "a centered satellite photo of {}."
-    assert res["k"] == 10 and res["class_agnostic"] is False and res["dictionary"] is None
+    assert res["k"] == 5 and res["class_agnostic"] is False and res["dictionary"] is None
     assert res["config"]["epochs"] == 2 and res["config"]["ctx_init"] == "a photo of a"
     # the student's test features may already be cached by another method's test: only the teacher's must be new
     assert res["times"]["teacher_feature_extraction_s"] > 0 and res["times"]["student_feature_extraction_s"] >= 0
     assert len(res["train"]["loss_per_epoch"]) == 2 and torch.load(out / "prompt.pt")["ctx"].shape == (4, 64)
     assert "teacher tiny-wide (random) zero-shot" in proc.stdout
 
-    names = tmp_path / "dict.csv"  # KDPL's dictionary format, without EuroSAT's class names
+    names = tmp_path / "dict.csv"  # KDPL's dictionary format, without EuroSAT's class names; Forest = forest
     names.write_text("ClassName\n" + "\n".join(["forest", "river", "highway", "farm", "sea", "city", "meadow",
-                                                "factory", "orchard", "lake", "dog", "car"]) + "\n")
+                                                "factory", "Forest", "orchard", "lake", "dog", "car"]) + "\n")
     proc = run_cli("kdpl.py", *kdpl_args(tmp_path, shared_cache, "--shots", "2", "--epochs", "1", "--aug-views",
-                                         "1", "--protocol", "base2new", "--class-agnostic", "--dictionary",
-                                         str(names), "--k-max", "5"))
+                                         "1", "--protocol", "fewshot", "--class-agnostic", "--dictionary",
+                                         str(names), "--k-max", "5", "--teacher-eval", "off"))
     assert proc.returncode == 0, proc.stderr
-    res = json.loads((tmp_path / "runs/kdpl_ca/eurosat/base2new/shots_2/seed_1/results.json").read_text())
-    m = res["metrics"]
-    assert set(m) == {"base", "new", "H", "base_to_unseen"} and m["base_to_unseen"] == m["new"]
-    assert set(res["teacher"]["zero_shot"]) == {"base", "new", "H"}
+    res = json.loads((tmp_path / "runs/kdpl_ca/eurosat/fewshot/shots_2/seed_1/results.json").read_text())
+    assert set(res["metrics"]) == {"accuracy"}
+    assert res["teacher"]["zero_shot"] is None and not res["teacher"]["zero_shot_eval"]["ran"]
+    assert "--teacher-eval off" in res["teacher"]["zero_shot_eval"]["note"]
     assert res["method"] == "kdpl_ca" and res["k"] == 5 and res["dictionary"]["size"] == 12
     assert res["teacher"]["train_template"] == "a photo of a {}."
-    assert res["times"]["images_encoded"] <= 2 * 10  # test features came from the cache; only train views
+    assert res["times"]["images_encoded"] <= 2 * 20  # test features came from the cache; only train views
+
+
+def test_kdpl_defaults_to_base_to_new_and_to_all_classes_for_eval_on_targets():
+    assert kdpl.parse_args([]).protocol == "base2new"
+    assert kdpl.parse_args(["--eval-on", "imagenetv2"]).protocol == "fewshot"  # train on all ImageNet classes
+    assert kdpl.parse_args(["--protocol", "fewshot"]).protocol == "fewshot"
+    assert kdpl.parse_args(["--eval-on", "dtd", "--protocol", "base2new"]).protocol == "base2new"
+
+
+def test_teacher_zero_shot_evaluation_runs_on_small_sets_only_unless_asked():
+    def task(*sizes):
+        return SimpleNamespace(evals={f"set{i}": SimpleNamespace(items=[None] * n) for i, n in enumerate(sizes)})
+    small, large = task(4_000, 4_100), task(50_000, 10_000, 50_889, 7_500, 30_000)  # EuroSAT b2n; ImageNet DG
+    assert kdpl.teacher_eval_decision(small, "auto")[0]
+    ran, note = kdpl.teacher_eval_decision(large, "auto")
+    assert not ran and "148389 evaluation images" in note and "--teacher-eval on" in note
+    assert kdpl.teacher_eval_decision(large, "on")[0]
+    assert not kdpl.teacher_eval_decision(small, "off")[0]
 
 
 @pytest.mark.parametrize("extra,message", [
