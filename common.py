@@ -474,15 +474,20 @@ class TrainingError(UserError):
 
 
 def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="bf16", seed=1,
-        device="cpu", desc="train"):
+        device="cpu", desc="train", no_decay=()):
     """Train `params` (the method's learnable tensors only) with CoOp's recipe.
 
     epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
     that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics."""
+    loss_fn(*rows) returns the scalar loss. Tensors of params also listed in no_decay get no weight
+    decay (a second SGD group). Returns per-epoch statistics."""
     device = torch.device(device)
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
+    skip = {id(t) for t in no_decay}
+    groups = [{"params": [p for p in params if id(p) not in skip]},
+              {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4,
+                          fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
     steps = steps_per_epoch(n, batch_size)
     gen = torch.Generator().manual_seed(seed)

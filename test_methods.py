@@ -508,6 +508,14 @@ def test_fit_applies_the_schedule_and_reports_steps():
     assert stats["steps_per_epoch"] == 1
 
 
+def test_fit_leaves_tensors_listed_in_no_decay_undecayed():
+    decayed, kept = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    common.fit([decayed, kept], lambda a: 0 * (decayed.sum() + kept.sum()) + a.sum(), lambda e: (torch.zeros(4),),
+               n=4, epochs=3, lr=0.1, no_decay=[kept])  # zero gradient: only weight decay can move them
+    assert torch.equal(kept.detach(), torch.ones(3))
+    assert (decayed.detach() < 1 - 1e-5).all()
+
+
 @pytest.mark.parametrize("n,batch,steps", [(10, 32, 1), (32, 32, 1), (80, 128, 1), (100, 32, 3), (160, 32, 5)])
 def test_steps_per_epoch_follow_dassl_drop_last(n, batch, steps):
     assert common.steps_per_epoch(n, batch) == steps
