@@ -1,32 +1,46 @@
 """DeMul -- Weighted Multi-Prompt Learning with Description-free Large Language Model Distillation.
-Lee, Shin, Park. ICLR 2025, arXiv 2507.07147. No public code; the method section could not be read.
+Lee, Shin, Park. ICLR 2025, arXiv 2507.07147. No public code. Sources: the abstract and introduction, the
+OpenReview reviews (https://openreview.net/forum?id=NDLmZZWATc, reviewers R1-R5) and third-party write-ups
+of the paper; its method section and equations could not be read, so every choice they do not state is a
+reconstruction, marked "# reconstruction:" where it is made.
 
 A frozen LLM embedder h embeds each class *name* (no generated descriptions). M learnable prompts, their
-context shared by all classes, give CLIP text features t_ij = g([V_j] [CLASS_i] .). An MLP phi maps CLIP
-text space to the LLM space and psi maps back:
+context shared by all classes (R3), give CLIP text features t_ij = g([V_j] [CLASS_i] .). An MLP phi maps
+CLIP text space to the LLM space and psi maps back:
   stage 1: phi, psi pre-trained on class names D_name (WordNet nouns) to align g(n) with h(n) and to
            reconstruct cyclically, so that phi preserves directions;
   stage 2: psi frozen; prompts V, phi and per-class prompt weights w_ij train on the few-shot set:
-    L = L_cls(sum_j w_ij . prompt j) + alpha L_distill + beta L_cyc + lambda ||w||_1
-    L_distill = mean_ij 1 - cos(phi(t_ij), h(name_i))     (angular distance in LLM space)
-    L_cyc     = mean_ij 1 - cos(psi(phi(t_ij)), t_ij)     (the pass "through the encoder again")
-Equation numbers: only Eq. 4 (the prompt combination) is known, from a review; other terms carry names.
-Faithful, as far as the readable sources go (methods.md §5.1, papers.md §1): frozen f, g, h; h = OpenAI
-text-embedding-3-large; MLP phi/psi pre-trained on WordNet names with a cyclic loss, psi frozen afterwards;
-angular distillation of phi(t_ij) to h(name_i); M prompts with shared context; per-class weights with
-sum_j w_ij = 1 and an L1 penalty; alpha-balanced loss; prompt sampling per step; few-shot on ViT-B/16.
-Reconstructed (no code, no method section; each marked "# reconstruction:" where it is made):
-  * every loss form: 1 - cos for distillation, alignment and both cycles; stage-2 cycle psi(phi(t_ij)) ~ t_ij
-  * weights w_ij = |a_ij| / sum_j |a_ij| (sum 1, as the paper says) and L1 on w^_i = |a_i| / ||a_i||_2, averaged
-    over classes. Why: L1 of sum-normalised weights is the constant 1; L1 of free raw weights would only shrink
-    a scale the classifier ignores (degenerate minimum at 0). On the unit sphere ||w^||_1 runs from 1 (one
-    prompt left) to sqrt(M) (uniform), so it acts. a is scale-free: SGD moves it at lr / ||a||^2 (a_ij = 1/M)
-  * --combine prob (default, Eq. 4 as written): log sum_j w_ij p_j(i|x), renormalised over classes by the CE;
-    --combine embed (reviewer 4's reading of the code): s cos(f(x), sum_j w_ij t_ij / ||t_ij||)
+    L = L_cls(sum_j w_ij . prompt j) + alpha L_distill + beta L_cyc + lambda L1(w)
+    L_distill = mean_ij 1 - cos(phi(t_ij), h(name_i))          (angular distance in LLM space)
+    L_cyc     = mean_ij 1 - cos(psi(phi(sg t_ij)), sg t_ij)    (R1: Algorithm 1 line 7 passes the text
+                                                                 features "through the encoder again")
+Stated by the sources: frozen f, g, h; h = OpenAI text-embedding-3-large (write-ups); MLP phi/psi (R3)
+pre-trained on WordNet names with a cyclic loss, psi frozen afterwards (write-ups); angular distillation of
+phi(t_ij) to h(name_i); per-class weights with sum_j w_ij = 1 (R4) and an L1 penalty of fixed weight
+(reviews); prompts sampled per step to save memory when M is large (write-ups); few-shot on ViT-B/16.
+Reconstructed:
+  * loss forms: 1 - cos for distillation, alignment and both cycles. sg = stop-gradient: the stage-2 cycle
+    keeps phi invertible by the frozen psi; letting it reach the prompts would also pull them toward fixed
+    points of psi(phi(.)), which no source describes.
+  * w_ij = |a_ij| / sum_j |a_ij| from free raw weights a (start 1/M), without weight decay (w ignores the
+    scale of a: decay would only raise its effective learning rate).
+  * --l1 raw (default, the sources' literal reading): lambda mean_i ||a_i||_1. Not inert although w ignores
+    the scale: the step -lr lambda sign(a) has a part orthogonal to a and soft-thresholds, e.g. w = a =
+    (.30,.25,.20,.15,.10) becomes w = (.40,.30,.20,.10,0) after 10 steps of .01; and R4's remark that the
+    plotted weights sum to more than 1 fits plotted raw weights. It also shrinks ||a|| by about lr lambda / C
+    per step and weight, little at CoOp's learning rate. --l1 ratio: lambda mean_i ||a_i||_1 / ||a_i||_2,
+    scale-free, 1 with one prompt left and sqrt(M) when uniform.
+  * --combine prob (default): log sum_j w_ij p_j(i|x), Eq. 4 as R4 quotes it (the CE renormalises over
+    classes); embed: s cos(f(x), sum_j w_ij t_ij / ||t_ij||), R4's reading of the code. Which of the two gives
+    the paper's numbers is unknown (no code, no visible reply): the default is the published equation.
+  * starts: every prompt N(0, 0.02^2), its own draw from a CPU generator seeded by the run seed. Symmetric:
+    the abstract's point is "eliminating the need for discrete pre-defined templates", and no prompt should
+    be favoured by its start. --ctx-init WORDS starts prompt 1 from words instead (the former default).
+  * M = 5 (R4: Fig. 5 plots five weights); all M prompts every step, as sampling is described as a memory
+    device for large M and its rule is unknown (--prompts-per-step M' < M: uniform without replacement).
   * stage 1: names as "a photo of a {}.", 20k-name subsample (seed 0) of WordNet + the class names, Adam
-    1e-3, 10 epochs, batch 256, 2-layer GELU MLPs of width 1024
-  * M = 5, M' = 3, n_ctx = 4, prompt 1 from "a photo of a" (others random), alpha = beta = 1, lambda = 0.1
-  * CoOp's optimiser, schedule and epochs per shot; base2new: unseen classes get uniform weights
+    1e-3, 10 epochs, batch 256, 2-layer GELU MLPs of width 1024; n_ctx = 4, alpha = beta = 1, lambda = 0.1;
+    CoOp's optimiser, schedule and epochs per shot; base2new: unseen classes get uniform weights
 
     python demul.py --dataset eurosat --shots 1                      # needs OPENAI_API_KEY (paper's h)
     python demul.py --dataset eurosat --shots 1 --llm minilm         # offline stand-in for h
@@ -50,7 +64,7 @@ NAME_TEMPLATE = "a photo of a {}."  # reconstruction: stage 1 encodes each name 
 
 def parse_args(argv=None):
     p = common.base_parser("DeMul: description-free LLM distillation into weighted multiple prompts (ICLR 2025).")
-    p.add_argument("--llm", default="openai:text-embedding-3-large",  # the paper's h (3072-d) [blog]
+    p.add_argument("--llm", default="openai:text-embedding-3-large",  # the paper's h (3072-d), per write-ups
                    help="h: openai:<model> (OPENAI_API_KEY; OPENAI_BASE_URL honoured) or minilm (offline, 384-d)")
     p.add_argument("--llm-batch", type=int, default=1000, help="names per embeddings request")  # API allows 2048
     p.add_argument("--names", help="D_name file (one name a line, or a CSV with ClassName); default WordNet nouns")
@@ -60,24 +74,31 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="stage-1 Adam learning rate")  # reconstruction
     p.add_argument("--mlp-hidden", type=int, default=1024, help="hidden width of phi and psi")  # reconstruction
     p.add_argument("--n-prompts", type=int, default=5, help="M prompts")  # reconstruction: Fig. 5 shows 5 weights
-    p.add_argument("--prompts-per-step", type=int, default=3,  # reconstruction: sampling rule unknown
-                   help="M' prompts sampled per step (memory bound); evaluation uses all M")
+    p.add_argument("--prompts-per-step", type=int, default=0,  # reconstruction: sampling rule unknown
+                   help="M' < M prompts sampled per step, to bound memory when M is large; 0 = all M (M = 5 is "
+                        "small); evaluation always uses all M")
     p.add_argument("--n-ctx", type=int, default=4, help="context tokens per prompt")  # reconstruction
-    p.add_argument("--ctx-init", default="a photo of a",  # reconstruction (methods.md §5.2)
-                   help='words for prompt 1 (the others random N(0, 0.02^2)); "" = all random')
-    p.add_argument("--combine", default="prob", choices=["prob", "embed"],  # Eq. 4 as written [reviews]
-                   help="prob: average class probabilities (Eq. 4); embed: average text embeddings")
+    p.add_argument("--ctx-init", default="",  # reconstruction: symmetric starts, no template (docstring)
+                   help='"" = every prompt starts at random, N(0, 0.02^2): symmetric, no template; WORDS = prompt 1 '
+                        'starts from these words')
+    p.add_argument("--combine", default="prob", choices=["prob", "embed"],  # Eq. 4 as R4 quotes it
+                   help="prob: average the prompts' class probabilities (Eq. 4, as a reviewer quotes it); embed: "
+                        "average their text embeddings (that reviewer's reading of the code); which one gives the "
+                        "paper's numbers is unknown")
+    p.add_argument("--l1", default="raw", choices=["raw", "ratio"],  # reconstruction (docstring)
+                   help="raw: lambda ||a_i||_1 on the raw weights a, w = |a| / sum |a| (the sources' literal reading; "
+                        "soft-thresholds small weights to 0); ratio: lambda ||a_i||_1 / ||a_i||_2 (scale-free)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of L_distill")  # reconstruction: value unseen
     p.add_argument("--beta", type=float, default=1.0, help="weight of the cyclic term")  # reconstruction
-    p.add_argument("--lam", type=float, default=0.1,  # reconstruction: top of the 0.01-0.1 range of methods.md §5.2;
-                   help="lambda of the L1 weight penalty")  # 0.01 has no measurable effect in the planted test
+    p.add_argument("--lam", type=float, default=0.1,  # reconstruction: a fixed constant (reviews), value unseen
+                   help="lambda of the L1 weight penalty (averaged over classes)")
     args = p.parse_args(argv)
     if args.llm != "minilm" and not (args.llm.startswith("openai:") and len(args.llm) > 7):
         p.error(f"--llm {args.llm!r}: use openai:<model> (e.g. openai:text-embedding-3-large) or minilm")
     if args.n_ctx != len(args.ctx_init.split()) and args.ctx_init:
         p.error(f'--n-ctx {args.n_ctx} contradicts --ctx-init "{args.ctx_init}"; pass --ctx-init "" or match them')
-    if not 1 <= args.prompts_per_step <= args.n_prompts:
-        p.error(f"--prompts-per-step must lie in 1..--n-prompts ({args.n_prompts})")
+    if not 0 <= args.prompts_per_step <= args.n_prompts:
+        p.error(f"--prompts-per-step must lie in 1..--n-prompts ({args.n_prompts}), or be 0 for all")
     if args.epochs is None:
         args.epochs = common.fewshot_epochs(args.dataset, args.shots)  # reconstruction: CoOp's few-shot recipe
         if args.epochs is None:
@@ -214,16 +235,17 @@ def load_or_pretrain(clip, llm, names, args):
 
 # ------------------------------------------------------------------ stage 2: the weighted prompts
 class DeMul(nn.Module):
-    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init, phi, psi):
+    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init, phi, psi, generator):
         super().__init__()
         self.clip, self.n_ctx, self.classnames = clip, n_ctx, list(classnames)
-        ctx = torch.randn(n_prompts, n_ctx, clip.ctx_dim, device=clip.device) * 0.02  # CoOp's random init
+        # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator
+        ctx = (torch.randn(n_prompts, n_ctx, clip.ctx_dim, generator=generator) * 0.02).to(clip.device)
         if ctx_init:
-            ctx[0] = common.words_to_embeddings(clip, ctx_init)  # reconstruction: prompt 1 from words
+            ctx[0] = common.words_to_embeddings(clip, ctx_init)  # --ctx-init WORDS: prompt 1 from words
         self.ctx = nn.Parameter(ctx)
-        # reconstruction: raw weights a_ij >= 0 via |a|, uniform start; scale-free (see prompt_weights)
+        # reconstruction: raw weights a_ij, w_ij = |a_ij| / sum_j |a_ij|, uniform start (see prompt_weights)
         self.raw = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
-        self.phi, self.psi = phi, psi.requires_grad_(False)  # psi frozen in stage 2 [seed]
+        self.phi, self.psi = phi, psi.requires_grad_(False)  # psi frozen in stage 2 (write-ups)
 
     def text_features(self, classnames, idx):
         """t_ij for the prompts idx: (C, len(idx), D); one text-tower pass over all C x M' prompts."""
@@ -234,16 +256,15 @@ class DeMul(nn.Module):
 
 
 def prompt_weights(raw, idx=None):
-    """w_ij = w^_ij / sum_j w^_ij with w^_i = |a_i| / ||a_i||_2. reconstruction: the L2 step fixes the
-    scale, without it L1 on raw weights would only shrink a scale the classifier ignores."""
-    w_hat = raw.abs() / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w_hat = w_hat if idx is None else w_hat[:, idx]
-    return w_hat / w_hat.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    """w_ij = |a_ij| / sum_j |a_ij| over the prompts idx (all by default): sum_j w_ij = 1 (R4), scale-free."""
+    a = raw.abs() if idx is None else raw.abs()[:, idx]
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def l1_penalty(raw):  # reconstruction: mean over classes, so lambda does not scale with C
-    """||w^||_1 averaged over classes (= ||a_i||_1 / ||a_i||_2: smallest, 1, when one prompt is left)."""
-    return (raw.abs().sum(-1) / raw.norm(dim=-1).clamp_min(1e-12)).mean()
+def l1_penalty(raw, form):  # reconstruction: mean over classes, as the CE's pull on each row scales with 1/C
+    """raw: ||a_i||_1 (L1 on the raw weights); ratio: ||a_i||_1 / ||a_i||_2 (1 when one prompt is left)."""
+    l1 = raw.abs().sum(-1)
+    return (l1 if form == "raw" else l1 / raw.norm(dim=-1).clamp_min(1e-12)).mean()
 
 
 def combined_logits(image_feats, text, w, scale, mode):
@@ -252,21 +273,26 @@ def combined_logits(image_feats, text, w, scale, mode):
         logp = (scale * torch.einsum("bd,cmd->bcm", F.normalize(image_feats, dim=-1),
                                      F.normalize(text, dim=-1))).log_softmax(dim=1)
         return torch.logsumexp(logp + w.clamp_min(1e-12).log(), dim=2)
-    mean = (w.unsqueeze(-1) * F.normalize(text, dim=-1)).sum(1)  # reviewer 4's reading: t_i = sum_j w_ij t_ij
+    mean = (w.unsqueeze(-1) * F.normalize(text, dim=-1)).sum(1)  # R4's reading of the code: t_i = sum_j w_ij t_ij
     return common.cosine_logits(image_feats, mean, scale)
 
 
-def demul_loss(model, feats, labels, llm_targets, idx, args):
-    """L = L_cls + alpha L_distill + beta L_cyc + lambda ||w||_1; returns (loss, terms)."""
-    t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
+def llm_terms(model, t, llm_targets):
+    """L_distill and L_cyc of unit-norm prompt features t (C, M', D) and LLM targets h(name_i) (C, D_llm)."""
     mapped = model.phi(t)  # phi(t_ij) in the LLM space
-    terms = {"cls": F.cross_entropy(combined_logits(feats, t, prompt_weights(model.raw, idx),
-                                                    model.clip.logit_scale, args.combine), labels),
-             "distill": angular(mapped, llm_targets.unsqueeze(1).expand_as(mapped)),  # reconstruction: 1 - cos
-             "cyc": angular(model.psi(mapped), t),  # reconstruction: Algorithm 1 line 7, psi frozen
-             "l1": l1_penalty(model.raw)}
-    loss = terms["cls"] + args.alpha * terms["distill"] + args.beta * terms["cyc"] + args.lam * terms["l1"]
-    return loss, terms
+    distill = angular(mapped, llm_targets.unsqueeze(1).expand_as(mapped))  # reconstruction: 1 - cos
+    # reconstruction: Algorithm 1 line 7 (R1); psi frozen, sg(t): the cycle constrains phi, never the prompts
+    cyc = angular(model.psi(model.phi(t.detach())), t.detach())
+    return distill, cyc
+
+
+def demul_loss(model, feats, labels, llm_targets, idx, alpha, beta, lam, combine, l1):
+    """L = L_cls + alpha L_distill + beta L_cyc + lambda L1(a); returns (loss, terms)."""
+    t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
+    logits = combined_logits(feats, t, prompt_weights(model.raw, idx), model.clip.logit_scale, combine)
+    distill, cyc = llm_terms(model, t, llm_targets)
+    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc, "l1": l1_penalty(model.raw, l1)}
+    return terms["cls"] + alpha * distill + beta * cyc + lam * terms["l1"], terms
 
 
 def run(args, seed):
@@ -278,20 +304,22 @@ def run(args, seed):
     phi, psi, pre = load_or_pretrain(clip, llm, names, args)
     print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
     targets = llm(task.classnames).to(clip.device)  # h(name_i)
-    model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi)
-    gen = torch.Generator().manual_seed(seed)
-    sample = lambda: torch.randperm(args.n_prompts, generator=gen)[:args.prompts_per_step].tolist()
+    gen = torch.Generator().manual_seed(seed)  # DeMul's own randomness: prompt starts, then prompt sampling
+    model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi, gen)
+    everything, m = list(range(args.n_prompts)), args.prompts_per_step or args.n_prompts
+    sample = lambda: everything if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
+    hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
     start, feature_s = time.perf_counter(), task.cache.seconds
     stats = common.fit([model.ctx, model.raw, *phi.parameters()],
-                       lambda x, y: demul_loss(model, x, y, targets, sample(), args)[0],
+                       lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
                        lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                       seed=seed, device=clip.device, desc=f"DeMul seed {seed}")
+                       seed=seed, device=clip.device, desc=f"DeMul seed {seed}",
+                       no_decay=[model.raw])  # reconstruction: w ignores the scale of a (docstring)
     task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
-    everything = list(range(args.n_prompts))
     w = prompt_weights(model.raw.detach())
     with torch.no_grad():
-        _, terms = demul_loss(model, task.train_features(args.epochs - 1), task.labels, targets, everything, args)
+        _, terms = demul_loss(model, task.train_features(args.epochs - 1), task.labels, targets, everything, **hyper)
 
     def predict(classnames, feats):  # reconstruction: classes never trained get uniform weights
         ww = w if classnames == task.classnames else torch.full((len(classnames), args.n_prompts),

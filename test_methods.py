@@ -1304,14 +1304,30 @@ def cos(a, b):
 def test_prompt_weights_and_l1_term_by_hand():
     raw = torch.tensor([[0.3, -0.4, 0.0], [1.0, 1.0, 2.0]])
     w = demul.prompt_weights(raw)
-    assert torch.allclose(w[0], torch.tensor([0.6, 0.8, 0.0]) / 1.4)  # |a| / ||a||_2 = (.6, .8, 0), sum 1.4
+    assert torch.allclose(w[0], torch.tensor([0.3, 0.4, 0.0]) / 0.7)  # |a| / sum |a|
     assert torch.allclose(w[1], torch.tensor([0.25, 0.25, 0.5]))
+    assert torch.allclose(demul.prompt_weights(7 * raw), w)  # the classifier ignores the scale of a
     assert torch.allclose(demul.prompt_weights(raw, [0, 2])[1], torch.tensor([1 / 3, 2 / 3]))  # sampled subset
-    assert demul.l1_penalty(raw).item() == pytest.approx((1.4 + 4 / math.sqrt(6)) / 2, rel=1e-6)
-    # the L1 term acts: scale-free (the classifier ignores the scale of a), 1 at one prompt, sqrt(M) at uniform
-    assert demul.l1_penalty(7 * raw).item() == pytest.approx(demul.l1_penalty(raw).item(), rel=1e-6)
-    assert demul.l1_penalty(torch.tensor([[0.0, 5.0, 0.0, 0.0]])).item() == pytest.approx(1.0)
-    assert demul.l1_penalty(torch.ones(1, 4)).item() == pytest.approx(2.0)
+    # raw: ||a_i||_1 averaged over classes; it scales with a
+    assert demul.l1_penalty(raw, "raw").item() == pytest.approx((0.7 + 4) / 2, rel=1e-6)
+    assert demul.l1_penalty(7 * raw, "raw").item() == pytest.approx(7 * (0.7 + 4) / 2, rel=1e-6)
+    # ratio: ||a_i||_1 / ||a_i||_2, scale-free, 1 at one prompt, sqrt(M) at uniform
+    assert demul.l1_penalty(raw, "ratio").item() == pytest.approx((1.4 + 4 / math.sqrt(6)) / 2, rel=1e-6)
+    assert demul.l1_penalty(7 * raw, "ratio").item() == pytest.approx(demul.l1_penalty(raw, "ratio").item(), rel=1e-6)
+    assert demul.l1_penalty(torch.tensor([[0.0, 5.0, 0.0, 0.0]]), "ratio").item() == pytest.approx(1.0)
+    assert demul.l1_penalty(torch.ones(1, 4), "ratio").item() == pytest.approx(2.0)
+
+
+def test_l1_on_raw_weights_soft_thresholds_the_normalised_weights():
+    """The weights ignore the scale of a, yet L1 on a is not inert: each SGD step subtracts lr * lambda from
+    every |a_ij|, which changes their ratios. 10 steps of .01 from a = (.30, .25, .20, .15, .10)."""
+    a = torch.nn.Parameter(torch.tensor([[0.30, 0.25, 0.20, 0.15, 0.10]]))
+    opt = torch.optim.SGD([a], lr=0.01)
+    for _ in range(10):
+        opt.zero_grad()
+        demul.l1_penalty(a, "raw").backward()
+        opt.step()
+    assert torch.allclose(demul.prompt_weights(a.detach()), torch.tensor([[0.40, 0.30, 0.20, 0.10, 0.0]]), atol=1e-5)
 
 
 def test_combined_logits_in_both_modes_by_hand():
@@ -1349,8 +1365,8 @@ def test_distillation_cyclic_and_total_loss_by_hand():
     phi, psi = nn.Linear(4, 5), nn.Linear(5, 4)
     model = Planted(torch.randn(2, 3, 4, generator=g), phi, psi)
     e, feats, labels = torch.randn(2, 5, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 0, 0, 1])
-    args = argparse.Namespace(alpha=0.7, beta=0.3, lam=0.05, combine="prob")
-    loss, terms = demul.demul_loss(model, feats, labels, e, [0, 2], args)
+    loss, terms = demul.demul_loss(model, feats, labels, e, [0, 2], alpha=0.7, beta=0.3, lam=0.05, combine="prob",
+                                   l1="raw")
     distill = cyc = 0.0
     for i in range(2):
         for j in (0, 2):  # the sampled prompts only
@@ -1363,7 +1379,7 @@ def test_distillation_cyclic_and_total_loss_by_hand():
                                                 5.0, "prob"), labels)
     assert terms["cls"].item() == pytest.approx(cls.item(), rel=1e-6)
     assert loss.item() == pytest.approx(cls.item() + 0.7 * distill / 4 + 0.3 * cyc / 4
-                                        + 0.05 * demul.l1_penalty(model.raw).item(), rel=1e-5)
+                                        + 0.05 * (3.5 + 1.4) / 2, rel=1e-5)  # raw L1: mean_i ||a_i||_1
     u, v = torch.randn(3, 4, generator=g), torch.randn(3, 5, generator=g)
     hand = sum(1 - cos(a.tolist(), b.tolist()) for pair in [(phi(u), v), (psi(v), u), (psi(phi(u)), u), (phi(psi(v)), v)]
                for a, b in zip(*pair)) / 3
@@ -1432,6 +1448,39 @@ def test_name_set_keeps_class_names_and_is_seed_independent(tmp_path):
         assert wn[:10] == EUROSAT_NAMES and len(set(wn)) == 200 and set(wn[10:]) <= set(data.wordnet_nouns())
 
 
+def test_stage2_cycle_trains_phi_only_and_psi_gets_no_gradient(clip):
+    """psi is frozen; the cycle term reaches phi but not the prompts (its input and target are stop-gradient);
+    the distillation term reaches both phi and the prompts."""
+    phi, psi = demul.mlp(clip.embed_dim, 8, 6), demul.mlp(6, 8, clip.embed_dim)
+    model = demul.DeMul(clip, ["dog", "cat", "Sea or Lake"], 2, 4, "", phi, psi, torch.Generator().manual_seed(0))
+    feats, labels, targets = torch.randn(4, clip.embed_dim), torch.tensor([0, 1, 2, 0]), torch.randn(3, 6)
+    loss, terms = demul.demul_loss(model, feats, labels, targets, [0, 1], alpha=1.0, beta=1.0, lam=0.1,
+                                   combine="prob", l1="raw")
+    terms["cyc"].backward(retain_graph=True)
+    assert model.ctx.grad is None and all(p.grad.abs().sum() > 0 for p in phi.parameters())
+    loss.backward()
+    assert all(p.grad is None for p in psi.parameters())
+    assert model.ctx.grad.abs().sum() > 0 and model.raw.grad.abs().sum() > 0
+
+
+def test_prompt_starts_are_symmetric_and_drawn_from_the_runs_own_generator(clip):
+    make = lambda words="": demul.DeMul(clip, EUROSAT_NAMES[:2], 5, 4, words, nn.Identity(), nn.Identity(),
+                                        torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = make().ctx.detach()
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither used nor moved
+    torch.manual_seed(123)
+    assert torch.equal(make().ctx.detach(), first)  # same run seed, same starts, whatever the global RNG
+    assert all(0.015 < float(c.std()) < 0.025 for c in first)  # every prompt N(0, 0.02^2), none from words
+    assert not torch.equal(first[0], first[1])
+    assert not torch.allclose(first[0], common.words_to_embeddings(clip, "a photo of a"), atol=0.01)
+    args = demul.parse_args([])  # the documented defaults: symmetric starts, all M prompts, raw L1, Eq. 4
+    assert (args.ctx_init, args.prompts_per_step, args.n_prompts, args.l1, args.combine) == ("", 0, 5, "raw", "prob")
+    worded = make("a photo of a").ctx.detach()  # --ctx-init WORDS: prompt 1 from the words, the rest as before
+    assert torch.equal(worded[0], common.words_to_embeddings(clip, "a photo of a")) and torch.equal(worded[1:], first[1:])
+
+
 # ------------------------------------------------------------------------- planted few-shot
 def planted_setup(clip, M, seed_true=1):
     """Image features from the frozen text tower with a hidden true context; what any starting prompt
@@ -1441,7 +1490,7 @@ def planted_setup(clip, M, seed_true=1):
     Q, _ = torch.linalg.qr(torch.randn(96, clip.embed_dim, generator=torch.Generator().manual_seed(3)))
     phi, psi = nn.Linear(clip.embed_dim, 96, bias=False), nn.Linear(96, clip.embed_dim, bias=False)
     phi.weight.data, psi.weight.data = Q.clone(), Q.t().clone()
-    model = demul.DeMul(clip, EUROSAT_NAMES, M, 4, "", phi, psi)
+    model = demul.DeMul(clip, EUROSAT_NAMES, M, 4, "", phi, psi, torch.Generator().manual_seed(0))
     P = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(seed_true)) * 0.5
     with torch.no_grad():
@@ -1462,31 +1511,33 @@ def accuracy(clip, model, x, y, mode="prob"):
         return common.accuracy(demul.combined_logits(x, text, demul.prompt_weights(model.raw), clip.logit_scale, mode), y)
 
 
-def train_useful_and_useless(clip, lam):
+def train_useful_and_useless(clip, lam, l1="ratio"):
     """Prompts 0, 1 learn; prompts 2, 3 are frozen at contexts the images know nothing about."""
     model, phi, sample, targets = planted_setup(clip, M=4)
     model.ctx.register_hook(lambda grad: grad * torch.tensor([1.0, 1.0, 0.0, 0.0]).view(4, 1, 1))
     (x, y), (xt, yt) = sample(4, 1), sample(50, 2)
     before = accuracy(clip, model, xt, yt)
-    args = argparse.Namespace(alpha=1.0, beta=1.0, lam=lam, combine="prob")
+    hyper = dict(alpha=1.0, beta=1.0, lam=lam, combine="prob", l1=l1)
     common.fit([model.ctx, model.raw, *phi.parameters()],
-               lambda a, b: demul.demul_loss(model, a, b, targets, [0, 1, 2, 3], args)[0],
-               lambda e: (x, y), n=len(y), epochs=200)
+               lambda a, b: demul.demul_loss(model, a, b, targets, [0, 1, 2, 3], **hyper)[0],
+               lambda e: (x, y), n=len(y), epochs=200, no_decay=[model.raw])
     useless = demul.prompt_weights(model.raw.detach())[:, 2:].sum(1).mean().item()  # 0.5 at the start
     return before, accuracy(clip, model, xt, yt), useless
 
 
 def test_l1_shrinks_the_weights_of_useless_prompts(clip):
-    before, after, useless = train_useful_and_useless(clip, lam=1.0)
+    before, after, useless = train_useful_and_useless(clip, lam=1.0, l1="raw")  # the default form
     assert before <= 20 and after >= 95, (before, after)
-    assert useless < 0.05, useless
-    before, after, useless0 = train_useful_and_useless(clip, lam=0.0)
+    assert useless < 2e-3, useless  # soft-thresholded: zero weight (5e-5 measured), from 0.5 at the start
+    _, after, useless = train_useful_and_useless(clip, lam=1.0, l1="ratio")
+    assert after >= 95 and useless < 0.05, (after, useless)
+    _, after, useless0 = train_useful_and_useless(clip, lam=0.0)
     assert after >= 95 and useless0 > 0.15, (after, useless0)  # cross-entropy alone only halves them
 
 
 def test_distillation_alone_pulls_the_prompts_to_the_llm_class_structure(clip):
-    """No labels: only alpha L_distill + beta L_cyc toward a planted LLM space moves the prompts from
-    chance to the hidden classes; a detached phi path cannot."""
+    """No labels: L_distill toward a planted LLM space (+ L_cyc, which trains phi only) moves the prompts
+    from chance to the hidden classes; a detached phi path cannot."""
     for detach in (False, True):
         model, phi, sample, targets = planted_setup(clip, M=2)
         xt, yt = sample(50, 2)
@@ -1495,8 +1546,8 @@ def test_distillation_alone_pulls_the_prompts_to_the_llm_class_structure(clip):
         def loss(_):
             t = F.normalize(model.text_features(EUROSAT_NAMES, [0, 1]), dim=-1)
             t = t.detach() + 0 * model.ctx.sum() if detach else t  # a broken gradient path
-            mapped = phi(t)
-            return demul.angular(mapped, targets.unsqueeze(1).expand_as(mapped)) + demul.angular(model.psi(mapped), t)
+            distill, cyc = demul.llm_terms(model, t, targets)
+            return distill + cyc
         common.fit([model.ctx, *phi.parameters()], loss, lambda e: (torch.zeros(4),), n=4, epochs=200)
         after = accuracy(clip, model, xt, yt)
         assert before <= 20 and (after <= 25 if detach else after >= 90), (detach, before, after)
@@ -1619,7 +1670,7 @@ def test_demul_cli_on_real_eurosat_with_minilm(tmp_path, shared_cache):
     assert all(len(w) == 3 and sum(w) == pytest.approx(1, abs=1e-4) for w in res["prompt_weights"].values())
     assert 0 <= res["weight_sparsity"]["fraction"] <= 1 and res["weight_sparsity"]["below"] == pytest.approx(0.1 / 3)
     assert set(res["final_loss_terms"]) == {"cls", "distill", "cyc", "l1"}
-    assert res["config"]["combine"] == "prob" and len(res["train"]["loss_per_epoch"]) == 2
+    assert res["config"]["combine"] == "prob" and res["config"]["l1"] == "raw" and len(res["train"]["loss_per_epoch"]) == 2
     assert 0 <= res["metrics"]["accuracy"] <= 100
     # the second seed takes stage 1 and every LLM embedding from the cache
     res = json.loads((tmp_path / "runs/demul/eurosat/fewshot/shots_1/seed_2/results.json").read_text())
@@ -1629,7 +1680,7 @@ def test_demul_cli_on_real_eurosat_with_minilm(tmp_path, shared_cache):
 
 @pytest.mark.parametrize("flags,message", [(["--llm", "gpt4"], "openai:<model>"),
                                            (["--prompts-per-step", "9"], "--prompts-per-step"),
-                                           (["--n-ctx", "7"], "contradicts")])
+                                           (["--n-ctx", "7", "--ctx-init", "a photo of a"], "contradicts")])
 def test_demul_bad_flags_are_one_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         demul.parse_args(flags)
