@@ -41,18 +41,15 @@ METHOD_FLAGS = {"kdpl": ["--teacher", "{backbone}", "--teacher-pretrained", "non
 
 def method_timings(args, ds, clip, device, root):
     """Seconds per epoch and per step of each method's command line, two epochs, one cached view."""
-    cache = common.FeatureCache(root / "cache", precision=args.precision)
-    placeholder = torch.randn(len(ds.test), clip.embed_dim).half()
-    path = cache.path(clip, ds.name, "test")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"rel": [it.rel for it in ds.test], "feats": placeholder}, path)
+    cache = common.FeatureCache(root / "cache")
+    cache.put(clip, ds.name, ds.test, "test", torch.randn(len(ds.test), clip.embed_dim))
     timings = {}
     for method in args.methods:
         flags = [f.format(backbone=args.backbone) for f in METHOD_FLAGS.get(method, [])]
         cmd = [sys.executable, f"{method}.py", "--dataset", ds.name, "--shots", str(args.shots), "--backbone",
                args.backbone, "--pretrained", "none", "--data-root", args.data_root, "--no-download", "--epochs",
                "2", "--aug-views", "1", "--protocol", "fewshot", "--device", str(device), "--precision",
-               args.precision, "--cache-dir", str(root / "cache"), "--output", str(root / "runs"), *flags]
+               clip.precision, "--cache-dir", str(root / "cache"), "--output", str(root / "runs"), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
         found = list((root / "runs" / method).rglob("results.json"))
         if proc.returncode != 0 or not found:
@@ -74,7 +71,7 @@ def main():
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--images", type=int, default=256, help="test images to encode for the images/s figure")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", default="runs/benchmark")
@@ -82,15 +79,14 @@ def main():
     args = p.parse_args()
     device = common.resolve_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
-    clip = common.load_clip(args.backbone, "none", device)
-    result = {"backbone": args.backbone, "dataset": ds.name, "device": str(device),
-              "precision": args.precision if device.type == "cuda" else "fp32",
+    clip = common.load_clip(args.backbone, "none", device, args.precision)
+    result = {"backbone": args.backbone, "dataset": ds.name, "device": str(device), "precision": clip.precision,
               "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "versions": common.versions()}
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "versions": common.versions()}
 
     # image tower: a fresh cache so every image is really encoded
-    cache = common.FeatureCache(Path(args.output) / "tmp" / str(time.time_ns()), workers=args.workers,
-                                precision=args.precision)
+    cache = common.FeatureCache(Path(args.output) / "tmp" / str(time.time_ns()), workers=args.workers)
     items = ds.test[:args.images]
     start = time.perf_counter()
     cache.get(clip, ds.name, items, "test")
@@ -105,15 +101,15 @@ def main():
     opt = torch.optim.SGD([model.ctx], lr=0.002, momentum=0.9)
 
     def step():
-        with common.autocast(device, args.precision):
+        with common.autocast(device, clip.precision):
             loss = coop.coop_loss(model, feats[:32], labels[:32])
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result["train_step_s"] = common.seconds(step, args.repeats)
+        torch.cuda.reset_peak_memory_stats(device)
+    result["train_step_s"] = common.seconds(step, device, args.repeats)
     result["train_epoch_s"] = result["train_step_s"] * steps
     result["steps_per_epoch"] = steps
 
@@ -122,18 +118,18 @@ def main():
 
     def text_pass(pad):
         def run():
-            with common.autocast(device, args.precision):
+            with common.autocast(device, clip.precision):
                 x = prompts.embed(model.ctx)
                 common.encode_embeddings(clip, padded_to_77(x) if pad else x, prompts.eot).float().sum().backward()
         return run
 
-    cut_s = common.seconds(text_pass(False), args.repeats)
-    full_s = common.seconds(text_pass(True), args.repeats)
+    cut_s = common.seconds(text_pass(False), device, args.repeats)
+    full_s = common.seconds(text_pass(True), device, args.repeats)
     result.update(text_len_cut=prompts.tokens.shape[1], text_cut_s=cut_s, text_full77_s=full_s,
                   text_speedup=full_s / cut_s)
     if args.methods:
         result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
-    result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+    result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,11 @@ nothing else of ours. What is here reproduces the official CoOp/Dassl recipe (me
 What differs, and why:
   * The image tower is frozen, so its features are computed once and cached on disk; the augmented
     training views are cached per (image, view index), so a rerun or a second method reuses them.
-  * fp32 master weights always; autocast (bf16 by default, or fp16 + GradScaler) on CUDA. The official
-    default keeps CLIP *and the context* in fp16, a likely cause of CoOp issue #24's collapsed seeds.
+  * fp32 master weights always; autocast in bf16 (the CUDA default) or fp16 + GradScaler, on CUDA or,
+    when asked, on the CPU; logits in fp32. The official default keeps CLIP *and the context* in fp16,
+    a likely cause of CoOp issue #24's collapsed seeds.
+  * Every random consumer has its own seeded generator (`generator`): the same seed gives the same
+    numbers whatever the cache holds.
 """
 import argparse
 import hashlib
@@ -24,6 +27,7 @@ import random
 import sys
 import time
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
@@ -60,10 +65,34 @@ class UserError(Exception):
 
 
 def set_seed(seed):
-    """Seed every generator the way Dassl's set_random_seed does."""
+    """Seed the global generators the way Dassl's set_random_seed does, for code that still draws from
+    them. Nothing of ours does: every random consumer owns a generator (see `generator`)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def generator(seed, purpose):
+    """A CPU generator of its own for one random consumer of a run (context init, batch order, ...):
+    seeded by (run seed, purpose), so no consumer shifts another's numbers, whatever was cached or
+    computed before. Draw on the CPU and move the result: the numbers are then the same on any device."""
+    digest = hashlib.sha256(f"{seed}|{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def resolve_precision(precision, device):
+    """--precision auto is bf16 autocast on CUDA and fp32 on the CPU; bf16/fp16 on the CPU run CPU
+    autocast, the same code path as on CUDA (how the tests exercise the GPU path without a GPU)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision):
+    """Autocast in bf16 or fp16 on any device; nothing for fp32. Parameters stay fp32 always."""
+    precision = resolve_precision(precision, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +106,9 @@ class Clip:
     backbone: str
     weights: str            # identity of the weights: an open_clip tag, "file:<name>:<size>" or "random"
     device: torch.device
+    precision: str = "fp32"  # autocast of this tower: bf16, fp16 or fp32 (KDPL's teacher has its own)
+    activation: str = "GELU"  # of the MLPs: "QuickGELU" (OpenAI's weights) or "GELU"; wrong = silently different
+    activation_source: str = ""  # what chose it: the checkpoint format, the pretrained tag, the name, the flag
     _prompts: dict = field(default_factory=dict, repr=False)
 
     def prompts(self, classnames, n_ctx, position="end"):
@@ -107,38 +139,51 @@ class Clip:
 
     @property
     def logit_scale(self):
-        return self.model.logit_scale.exp().detach()
+        return self.model.logit_scale.exp().detach().float()
 
     @property
     def tower_id(self):
-        """Cache key of the image tower: architecture, weights and input size."""
-        return f"{self.backbone}__{self.weights}__{self.image_size}".replace("/", "-").replace(":", "-")
+        """Cache key of the image tower: architecture, weights, activation and input size."""
+        return f"{self.backbone}__{self.weights}__{self.activation}__{self.image_size}".replace("/", "-").replace(":", "-")
 
 
-def load_clip(backbone, pretrained, device="cpu"):
+OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")  # what marks an OpenAI state dict
+
+
+def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=False):
     """Load an open_clip model frozen in eval mode.
 
     pretrained: an open_clip tag ("openai", "dfn5b", ...), a local checkpoint file, or "none" (random
-    initialisation, seeded so that the same random model -- and its feature cache -- comes back)."""
+    initialisation, seeded so that the same random model -- and its feature cache -- comes back).
+    Checkpoint files (`checkpoint_format`): OpenAI's release files (TorchScript archives such as
+    ~/.cache/clip/ViT-B-16.pt), OpenAI-format state dicts (the same keys plus three ints) and open_clip
+    checkpoints (.bin/.pt/.safetensors). OpenAI's weights were trained with QuickGELU, so a file that is
+    recognisably OpenAI's is built with it whatever the backbone is called; an open_clip file does not say,
+    so the name (ViT-B-16 vs ViT-B-16-quickgelu) or quick_gelu decides, and a note says which."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    if backbone not in TINY_CONFIGS and backbone not in open_clip.list_models():
+        raise UserError(f"unknown backbone {backbone!r}. Choose an open_clip model such as ViT-B-16, ViT-B-32, "
+                        f"RN50, ViT-L-14, ViT-H-14-quickgelu, or tiny / tiny-wide for tests.")
+    random_weights = pretrained in ("none", None)
+    is_file = not random_weights and os.path.isfile(str(pretrained))
+    if not (random_weights or is_file):
+        if "/" in str(pretrained) or Path(str(pretrained)).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            raise UserError(f"--pretrained {pretrained}: no such file")
         if backbone in TINY_CONFIGS:
-            if pretrained not in ("none", None) and not os.path.isfile(str(pretrained)):
-                raise UserError(f"backbone {backbone!r} exists only with random weights: pass --pretrained none")
-            model = open_clip.CLIP(**TINY_CONFIGS[backbone])
-            if pretrained not in ("none", None):
-                model.load_state_dict(torch.load(pretrained, map_location="cpu"))
+            raise UserError(f"backbone {backbone!r} exists only with random weights: pass --pretrained none")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(0)  # the CPU generator only: CUDA's stay as the run left them
+        if is_file:
+            model, source = _from_file(backbone, pretrained, quick_gelu)
+        elif random_weights:
+            model, source = _build(backbone, quick_gelu), "random weights"
         else:
-            if backbone not in open_clip.list_models():
-                raise UserError(f"unknown backbone {backbone!r}. Choose an open_clip model such as ViT-B-16, "
-                                f"ViT-B-32, RN50, ViT-L-14, ViT-H-14-quickgelu, or tiny / tiny-wide for tests.")
-            model = _create_open_clip(backbone, pretrained)
-    if pretrained in ("none", None):
+            model, source = _from_tag(backbone, pretrained, quick_gelu), f"open_clip tag {pretrained!r}"
+    if random_weights:
         weights = "random"
         print(f"WARNING: {backbone} has RANDOM weights (--pretrained none): accuracy means nothing; "
               f"use this only for smoke runs and timing.", file=sys.stderr)
-    elif os.path.isfile(str(pretrained)):
+    elif is_file:
         weights = f"file:{Path(pretrained).name}:{os.path.getsize(pretrained)}"
     else:
         weights = pretrained
@@ -147,16 +192,71 @@ def load_clip(backbone, pretrained, device="cpu"):
     if getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) != "argmax":
         raise UserError(f"{backbone} pools its text features differently from CLIP (not at the EOT token); "
                         f"prompt learning here needs a CLIP-style text tower.")
+    activation = "QuickGELU" if any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules()) \
+        else "GELU"
+    if source == "open_clip checkpoint file":  # the one case where nothing says which activation is right
+        source = "--quick-gelu" if quick_gelu else "the backbone name"
+        other = ("drop --quick-gelu" if quick_gelu else f"name the backbone without -quickgelu") \
+            if activation == "QuickGELU" else f"pass --quick-gelu or name the backbone {backbone}-quickgelu"
+        print(f"note: {Path(pretrained).name} is an open_clip checkpoint, which does not record its activation; "
+              f"{backbone} is built with {activation} ({source}). If the weights were trained with the other one "
+              f"(OpenAI's and every -quickgelu tag use QuickGELU), {other}.", file=sys.stderr)
     return Clip(model, open_clip.get_tokenizer("ViT-B-16" if backbone in TINY_CONFIGS else backbone),
-                backbone, weights, device)
+                backbone, weights, device, resolve_precision(precision, device), activation, source)
 
 
-def _create_open_clip(backbone, pretrained):
-    if pretrained in ("none", None):
-        return open_clip.create_model(backbone, pretrained=None)
-    if os.path.isfile(str(pretrained)):
-        # OpenAI's checkpoints need QuickGELU: name the backbone ViT-B-16-quickgelu etc. for those files
-        return open_clip.create_model(backbone, pretrained=pretrained)
+def _build(backbone, quick_gelu):
+    """The architecture with random weights (QuickGELU if asked or if the name says -quickgelu)."""
+    if backbone in TINY_CONFIGS:
+        return open_clip.CLIP(**TINY_CONFIGS[backbone], quick_gelu=quick_gelu)
+    return open_clip.create_model(backbone, pretrained=None, force_quick_gelu=quick_gelu)
+
+
+def checkpoint_format(path):
+    """"torchscript" (OpenAI's release files), "openai" (an OpenAI-format state dict: it carries the ints
+    input_resolution, context_length and vocab_size) or "open_clip" (any other state dict)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return "torchscript"
+    if str(path).endswith(".safetensors"):
+        return "open_clip"
+    try:  # mmap: only the keys are read, not the weights
+        state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as err:  # truncated, text, pickle of something else: all the same to the user
+        raise UserError(_not_a_checkpoint(path, err)) from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(_not_a_checkpoint(path, f"it holds a {type(state).__name__}, not a state dict"))
+    return "openai" if all(key in state for key in OPENAI_INT_KEYS) else "open_clip"
+
+
+def _not_a_checkpoint(path, reason, backbone=None):
+    expected = (f"a CLIP checkpoint of the {backbone} architecture" if backbone else "a CLIP checkpoint") + (
+        ": OpenAI's release file (e.g. ~/.cache/clip/ViT-B-16.pt), an OpenAI-format state dict, or an "
+        "open_clip checkpoint (open_clip_pytorch_model.bin / .safetensors)")
+    return f"--pretrained {path} is not {expected} ({reason}). Check the file (a partial download?) and --backbone."
+
+
+def _from_file(backbone, path, quick_gelu):
+    fmt = checkpoint_format(path)
+    openai = fmt != "open_clip"
+    model = _build(backbone, quick_gelu or openai)  # OpenAI's weights need QuickGELU, whatever the name says
+    try:  # open_clip's loader reads all three formats (TorchScript only without weights_only)
+        keys = open_clip.load_checkpoint(model, path, strict=False, weights_only=fmt != "torchscript")
+    except Exception as err:  # shape mismatch (another architecture), broken archive
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UserError(_not_a_checkpoint(path, reason, backbone)) from None
+    buffers = {name for name, _ in model.named_buffers()}  # a traced archive also stores the causal mask
+    unexpected = set(keys.unexpected_keys) - set(OPENAI_INT_KEYS) - buffers
+    if keys.missing_keys or unexpected:
+        found = sorted(keys.missing_keys)[:3] + sorted(unexpected)[:3]
+        raise UserError(_not_a_checkpoint(path, f"its keys do not match: {', '.join(found)} ...", backbone))
+    return model, {"torchscript": "OpenAI TorchScript archive", "openai": "OpenAI-format state dict",
+                   "open_clip": "open_clip checkpoint file"}[fmt]
+
+
+def _from_tag(backbone, pretrained, quick_gelu):
     tags = open_clip.list_pretrained_tags_by_model(backbone)
     if pretrained not in tags:
         raise UserError(f"open_clip has no weights {pretrained!r} for {backbone}; known tags: {', '.join(tags)}, "
@@ -164,22 +264,24 @@ def _create_open_clip(backbone, pretrained):
     cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
     try:
         # open_clip 3 only warns when a tag was trained with QuickGELU (OpenAI's are); build it that way
-        return open_clip.create_model(backbone, pretrained=pretrained, force_quick_gelu=cfg.get("quick_gelu", False))
+        return open_clip.create_model(backbone, pretrained=pretrained,
+                                      force_quick_gelu=quick_gelu or cfg.get("quick_gelu", False))
     except Exception as err:  # offline, hub down, disk full: all end the same way for the user
         source = f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "")
         raise UserError(
             f"could not load the {backbone} weights {pretrained!r} ({type(err).__name__}).\n"
             f"Without internet: download the checkpoint from {source} on another machine and pass the file, "
-            f"--pretrained /path/to/checkpoint (for OpenAI's weights also name the backbone "
-            f"{backbone}-quickgelu, as they use QuickGELU).") from None
+            f"--pretrained /path/to/checkpoint (OpenAI's own ViT-B-16.pt etc. are recognised and built with "
+            f"QuickGELU).") from None
 
 
 # --------------------------------------------------------------------------------------------------
 # Text tower at the embedding level
 # --------------------------------------------------------------------------------------------------
-def seconds(fn, repeat=3):
-    """Mean wall time of fn() after one warm-up call, synchronised on CUDA (for cost comparisons)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def seconds(fn, device, repeat=3):
+    """Mean wall time of fn() after one warm-up call, synchronised on a CUDA device (for cost comparisons)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     sync()
     start = time.perf_counter()
@@ -333,8 +435,10 @@ class ClassPrompts(nn.Module):
 
 
 def cosine_logits(image_feats, text_feats, logit_scale):
-    """logits = s * norm(f(x)) @ norm(g(t)).T  (CLIP's classifier, CoOp Eq. for p(y|x))."""
-    return logit_scale * F.normalize(image_feats, dim=-1) @ F.normalize(text_feats, dim=-1).t()
+    """logits = s * norm(f(x)) @ norm(g(t)).T  (CLIP's classifier, CoOp's p(y|x)), in fp32 even under
+    autocast: at s = 100, bf16 logits come in steps of 0.25-0.5, and ties would favour low class indices."""
+    with torch.autocast(image_feats.device.type, enabled=False):
+        return logit_scale * F.normalize(image_feats.float(), dim=-1) @ F.normalize(text_feats.float(), dim=-1).t()
 
 
 @torch.no_grad()
@@ -367,6 +471,9 @@ def view_seed(rel, view):
 
 
 class ImageFiles(torch.utils.data.Dataset):
+    """Transformed images; an unreadable file comes back as its error message (a DataLoader worker would
+    bury a raised error in a traceback), and FeatureCache turns it into one message naming the file."""
+
     def __init__(self, items, size, view):
         self.items, self.view = items, view
         self.transform = test_transform(size) if view == "test" else train_transform(size)
@@ -376,69 +483,103 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.items[i]
-        image = Image.open(item.path).convert("RGB")
+        try:
+            with Image.open(item.path) as file:
+                image = file.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # truncated, not an image, missing
+            return torch.zeros(3, 1, 1), f"{item.path}: {err}"
         if self.view == "test":
-            return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(item.rel, self.view))
-            return self.transform(image)
+            return self.transform(image), ""
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from the global CPU generator
+            torch.random.default_generator.manual_seed(view_seed(item.rel, self.view))
+            return self.transform(image), ""
+
+
+def _collate(batch):
+    errors = [err for _, err in batch if err]
+    return (None if errors else torch.stack([image for image, _ in batch])), errors
+
+
+def file_stamp(path):
+    """(size, mtime in ns): a changed, re-downloaded or repaired image gets new features (what make and
+    rsync use to notice a changed file; hashing every image would cost a read of the whole dataset)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass
 class FeatureCache:
-    """Image-tower features on disk: one file per (tower, dataset, view) mapping image -> feature.
-    view is "test" (deterministic transform) or an int k (the k-th augmented view)."""
+    """Image-tower features on disk: one file per (tower, numerics, dataset, view) holding, per image
+    (path relative to the data root), the file's stamp and its feature as the tower computed it.
+    view is "test" (deterministic transform) or an int k (the k-th augmented view).
+    An entry is served only while the image file keeps its stamp. Writers take a lock (filelock) and
+    merge into what is on disk at that moment, so runs sharing the cache (several seeds, a cluster
+    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically."""
     root: Path
     workers: int = 2
-    precision: str = "bf16"
     batch_size: int = 100  # Dassl's test batch
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
     computed: int = 0
 
     def path(self, clip, dataset, view):
         name = "test" if view == "test" else f"train_view{int(view):04d}"
-        numerics = self.precision if clip.device.type == "cuda" else "fp32"  # bf16 features differ from fp32
+        # the device type as well: cuDNN runs the patch convolution in TF32 even for fp32 on CUDA
+        numerics = f"{clip.device.type}-{clip.precision}"
         return Path(self.root) / f"{clip.tower_id}__{numerics}" / dataset / f"{name}.pt"
 
     def get(self, clip, dataset, items, view):
         """Features (N, D) float32 on clip.device, in the order of items."""
         path = self.path(clip, dataset, view)
-        stored = torch.load(path) if path.exists() else {"rel": [], "feats": torch.empty(0, clip.embed_dim)}
-        index = {rel: i for i, rel in enumerate(stored["rel"])}
-        missing = list({it.rel: it for it in items if it.rel not in index}.values())
+        stamps = {it.rel: file_stamp(it.path) for it in items}
+        stored = _read_features(path)
+        missing = list({it.rel: it for it in items if stored.get(it.rel, (None,))[0] != stamps[it.rel]}.values())
         if missing:
-            new = self._compute(clip, missing, view)
-            stored = {"rel": stored["rel"] + [it.rel for it in missing],
-                      "feats": torch.cat([stored["feats"], new.cpu().half()])}
-            index = {rel: i for i, rel in enumerate(stored["rel"])}
-            path.parent.mkdir(parents=True, exist_ok=True)
+            stored = self.put(clip, dataset, missing, view, self._compute(clip, dataset, missing, view))
+        return torch.stack([stored[it.rel][1] for it in items]).float().to(clip.device)
+
+    def put(self, clip, dataset, items, view, feats):
+        """Add features of items to the cache file, merged under a lock with what is on disk by then;
+        returns the merged {rel: (stamp, feature)}."""
+        path = self.path(clip, dataset, view)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):
+            stored = _read_features(path)  # what other processes added meanwhile
+            stored.update({it.rel: (file_stamp(it.path), f) for it, f in zip(items, feats.cpu())})
+            rels = list(stored)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(stored, tmp)
+            torch.save({"rel": rels, "stamp": [stored[r][0] for r in rels],
+                        "feats": torch.stack([stored[r][1] for r in rels])}, tmp)
             os.replace(tmp, path)  # atomic: an interrupted run never leaves a broken cache file
-        rows = torch.tensor([index[it.rel] for it in items], dtype=torch.long)
-        return stored["feats"][rows].float().to(clip.device)
+        return stored
 
     @torch.no_grad()
-    def _compute(self, clip, items, view):
+    def _compute(self, clip, dataset, items, view):
         start = time.perf_counter()
+        # its own generator: creating a loader must not advance the global one (a cold cache would
+        # then change every random number drawn after it)
         loader = torch.utils.data.DataLoader(ImageFiles(items, clip.image_size, view), batch_size=self.batch_size,
-                                             num_workers=self.workers, pin_memory=clip.device.type == "cuda")
+                                             num_workers=self.workers, pin_memory=clip.device.type == "cuda",
+                                             collate_fn=_collate, generator=torch.Generator())
         feats = []
         desc = f"{clip.backbone} features ({'test' if view == 'test' else f'train view {view}'})"
-        for images in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 3):
-            images = images.to(clip.device, non_blocking=True)
-            with autocast(clip.device, self.precision):
-                feats.append(clip.model.encode_image(images).float())
+        for images, errors in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 3):
+            if errors:
+                raise data.DataError(f"cannot read {len(errors)} image(s) of {dataset}, e.g. {errors[0]}. "
+                                     f"Replace the file(s) (re-download the dataset) or fix --data-root.")
+            with autocast(clip.device, clip.precision):
+                # stored as computed (fp32, or bf16/fp16 under autocast): a cached feature is the computed one
+                feats.append(clip.model.encode_image(images.to(clip.device, non_blocking=True)))
         self.seconds += time.perf_counter() - start
         self.computed += len(items)
         return torch.cat(feats)
 
 
-def autocast(device, precision):
-    """Mixed precision on CUDA only; CPU runs stay in fp32."""
-    enabled = device.type == "cuda" and precision in ("bf16", "fp16")
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+def _read_features(path):
+    """{rel: (stamp, feature)} of a cache file ({} if absent)."""
+    if not path.exists():
+        return {}
+    stored = torch.load(path, map_location="cpu")
+    return {rel: (tuple(stamp), f) for rel, stamp, f in zip(stored["rel"], stored["stamp"], stored["feats"])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,25 +614,45 @@ class TrainingError(UserError):
     pass
 
 
-def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="bf16", seed=1,
+def optimizer_and_scaler(params, lr, precision, device, no_decay=()):
+    """CoOp's optimiser (SGD, momentum 0.9, weight decay 5e-4; `no_decay` tensors get none) and, for fp16,
+    a GradScaler; the same objects on CUDA and on the CPU. Not fused: a fused SGD under a GradScaler
+    allocates the momentum buffer on a skipped (overflowing) step without writing it, and the next step
+    reads that garbage (NaN prompts with fp16); the prompts are a few small tensors, fusing buys nothing."""
+    device = torch.device(device)
+    params = [p for p in params if p.requires_grad]
+    skip = {id(p) for p in no_decay}
+    groups = [{"params": [p for p in params if id(p) not in skip]},
+              {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4, fused=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
+    return opt, scaler
+
+
+def train_step(opt, scaler, loss):
+    """One update. With fp16 the loss is scaled; a step whose gradients overflowed is skipped (parameters
+    and optimiser state untouched) and the scale halved. Returns True if the step was applied."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync only with fp16
+    scaler.step(opt)
+    scaler.update()
+    return scale is None or scaler.get_scale() >= scale
+
+
+def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="auto", seed=1,
         device="cpu", desc="train", no_decay=()):
     """Train `params` (the method's learnable tensors only) with CoOp's recipe.
 
     epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
     that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Tensors of params also listed in no_decay get no weight
-    decay (a second SGD group). Returns per-epoch statistics."""
+    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
+    optimiser actually used in each epoch."""
     device = torch.device(device)
-    params = [p for p in params if p.requires_grad]
-    skip = {id(t) for t in no_decay}
-    groups = [{"params": [p for p in params if id(p) not in skip]},
-              {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
-    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4,
-                          fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+    opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
     steps = steps_per_epoch(n, batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    losses, lrs = [], []
+    gen = generator(seed, "batch order")
+    losses, lrs, skipped = [], [], 0
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for epoch in bar:
         for group in opt.param_groups:
@@ -503,24 +664,21 @@ def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precisi
             rows = order[step * batch_size:(step + 1) * batch_size]
             with autocast(device, precision):
                 loss = loss_fn(*[t[rows] for t in tensors])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            skipped += not train_step(opt, scaler, loss)
             total += loss.detach().float()
         mean_loss = float(total) / steps  # one host sync per epoch, none inside the step loop
         if not math.isfinite(mean_loss):
             raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; try --precision fp32 "
                                 f"or a smaller --lr")
         losses.append(mean_loss)
-        lrs.append(coop_lr(epoch, lr, epochs))
+        lrs.append(opt.param_groups[0]["lr"])
         bar.set_postfix(loss=f"{mean_loss:.4f}")
     # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
     collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
     if collapsed:
         warnings.warn(f"training loss rose from {losses[1]:.4f} to {losses[-1]:.4f}: this run may have collapsed")
     return {"steps_per_epoch": steps, "epochs": epochs, "loss_per_epoch": losses, "lr_per_epoch": lrs,
-            "collapsed": collapsed}
+            "collapsed": collapsed, "skipped_steps": skipped}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,8 +700,7 @@ def harmonic_mean(base, new):
 class EvalSet:
     dataset: str      # the dataset its images come from (the training one, or an --eval-on target)
     classnames: list
-    items: list       # test images, so another tower (KDPL's teacher) can be evaluated on the same set
-    feats: torch.Tensor
+    items: list       # test images: features come from the cache when first needed, for any tower
     labels: torch.Tensor
 
 
@@ -570,26 +727,32 @@ class Task:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
 
+    def eval_features(self, ev, clip=None):
+        """Test features of an evaluation set (encoded on first use, so a run checks everything cheap --
+        files, keys, flags -- before the image tower runs)."""
+        return self.cache.get(clip or self.clip, ev.dataset, ev.items, "test")
+
     def evaluate(self, predict):
-        """predict(classnames, image_feats) -> logits. Returns accuracies: "accuracy" (few-shot) or "base",
-        "new" and "H" (base-to-new), plus one per --eval-on dataset, under its name."""
-        start = time.perf_counter()
+        """predict(classnames, image_feats) -> fp32 logits. Returns accuracies: "accuracy" (few-shot) or
+        "base", "new" and "H" (base-to-new), plus one per --eval-on dataset, under its name."""
+        start, feature_s = time.perf_counter(), self.cache.seconds
         metrics = {}
-        with torch.no_grad(), autocast(self.clip.device, self.args.precision):
-            for name, ev in self.evals.items():
-                metrics[name if name != "all" else "accuracy"] = accuracy(predict(ev.classnames, ev.feats).float(),
-                                                                          ev.labels)
+        for name, ev in self.evals.items():
+            feats = self.eval_features(ev)
+            with torch.no_grad(), autocast(self.clip.device, self.clip.precision):
+                metrics[name if name != "all" else "accuracy"] = accuracy(predict(ev.classnames, feats), ev.labels)
         if "base" in metrics:
             metrics["H"] = harmonic_mean(metrics["base"], metrics["new"])
-        self.times["evaluation_s"] = time.perf_counter() - start
+        self.times["evaluation_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
         return metrics
 
 
 def prepare(args, seed, backbone=None, pretrained=None):
-    """Load the dataset and CLIP, sample the few-shot subset (before any base/new subsampling, as
-    CoOp does), and cache the test features."""
+    """Load the dataset and CLIP and sample the few-shot subset (before any base/new subsampling, as
+    CoOp does). No image is encoded here: features are computed (or read from the cache) when used."""
     set_seed(seed)
     device = resolve_device(args.device)
+    check_writable(args.cache_dir, "--cache-dir")
     ds = data.load_dataset(args.dataset, args.data_root, download=not args.no_download)
     train, _val = data.fewshot_split(ds, args.shots, seed)  # val is sampled too: keeps Dassl's RNG sequence
     if not ds.train:
@@ -598,8 +761,9 @@ def prepare(args, seed, backbone=None, pretrained=None):
     if args.shots > available:
         raise UserError(f"--shots {args.shots} asks for more images than the smallest class of {ds.name} has "
                         f"({available}); choose at most {available}")
-    clip = load_clip(backbone or args.backbone, pretrained or args.pretrained, device)
-    cache = FeatureCache(Path(args.cache_dir), workers=args.workers, precision=args.precision)
+    clip = load_clip(backbone or args.backbone, pretrained or args.pretrained, device, args.precision,
+                     getattr(args, "quick_gelu", False))
+    cache = FeatureCache(Path(args.cache_dir), workers=args.workers)
     if args.protocol == "base2new":
         # Dassl subsamples train, val and test together, taking the classes from the few-shot train set
         new_names, (_, new_test) = data.subsample_classes(ds, "new", train, ds.test)
@@ -614,18 +778,28 @@ def prepare(args, seed, backbone=None, pretrained=None):
     evals = {}
     for which, (names, test) in splits.items():
         source = ds.name if which in ("all", "base", "new") else which
-        evals[which] = EvalSet(source, names, test, cache.get(clip, source, test, "test"),
-                               torch.tensor([it.label for it in test], device=device))
+        evals[which] = EvalSet(source, names, test, torch.tensor([it.label for it in test], device=device))
     labels = torch.tensor([it.label for it in train], device=device)
     return Task(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
 
 
 def resolve_device(name):
+    """--device: auto, cpu, cuda or cuda:N, checked against what torch sees."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: torch sees {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -647,7 +821,13 @@ def base_parser(description):
                         "cross-dataset (e.g. train imagenet, --eval-on caltech101 dtd ...) or domain "
                         "generalisation (--eval-on imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
     p.add_argument("--backbone", default="ViT-B-16", help="open_clip architecture, or tiny / tiny-wide for tests")
-    p.add_argument("--pretrained", default="openai", help="open_clip weights tag, a checkpoint file, or none")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip weights tag, a checkpoint file (OpenAI's ViT-B-16.pt etc., an OpenAI-format "
+                        "state dict or an open_clip checkpoint), or none")
+    p.add_argument("--quick-gelu", action="store_true",
+                   help="build the model with QuickGELU (as OpenAI's weights need). Automatic for OpenAI's files "
+                        "and tags; needed only for an open_clip checkpoint file of QuickGELU weights (or name the "
+                        "backbone ...-quickgelu)")
     p.add_argument("--data-root", default="./data", help="folder holding the datasets in CoOp's layout")
     p.add_argument("--no-download", action="store_true", help="never download a missing dataset or split file")
     p.add_argument("--output", default="runs", help="root folder of the results")
@@ -660,8 +840,9 @@ def base_parser(description):
     p.add_argument("--epochs", type=int, help="training epochs (default: the method's per-shot recipe)")
     p.add_argument("--lr", type=float, default=0.002, help="SGD learning rate")  # CoOp configs
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")  # CoOp configs
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on CUDA (fp32 master weights always; CPU runs in fp32)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype (fp32 master weights always; fp16 adds a GradScaler). auto: bf16 on "
+                        "CUDA, fp32 on the CPU; bf16/fp16 on the CPU run CPU autocast")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     return p
@@ -681,13 +862,39 @@ def run_dir(args, method, seed):
 
 
 def claim_run_dir(args, method, seed):
-    """The results folder of this run; refuses to replace another run's results unless --overwrite."""
+    """The results folder of this run (created when the first result is saved, so a run that fails
+    early leaves nothing behind); refuses to replace another run's results unless --overwrite."""
     out = run_dir(args, method, seed)
     if (out / "results.json").exists() and not args.overwrite:
         raise UserError(f"{out / 'results.json'} already exists; pass --overwrite to replace it or "
                         f"--output DIR to write elsewhere")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--output")
     return out
+
+
+def check_writable(path, flag):
+    """The folder `path`, or the nearest existing folder above it, must be a writable folder."""
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+
+
+def _to_cpu(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def save_prompt(out, task, **fields):
+    """prompt.pt: the learned tensors (on the CPU, loadable anywhere) and what they belong to."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(_to_cpu({**fields, "classnames": task.classnames, "backbone": task.clip.backbone,
+                        "weights": task.clip.weights, "activation": task.clip.activation}), out / "prompt.pt")
 
 
 def versions():
@@ -702,6 +909,8 @@ def write_results(out, task, method, metrics, extra):
         "method": method, "dataset": task.dataset.name, "protocol": task.args.protocol,
         "shots": task.args.shots, "seed": task.seed, "metrics": metrics,
         "backbone": task.clip.backbone, "weights": task.clip.weights,
+        "activation": {"name": task.clip.activation, "chosen_by": task.clip.activation_source},
+        "precision": task.clip.precision,
         "config": {k: v for k, v in vars(task.args).items()},
         "versions": versions(), "device": str(task.clip.device),
         "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed),
@@ -710,7 +919,10 @@ def write_results(out, task, method, metrics, extra):
         "train_images": [it.rel for it in task.train],
         **extra,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"results.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "results.json")  # atomic: an interrupted run leaves no half-written results
     return result
 
 
@@ -726,6 +938,8 @@ def main_seeds(args, method, run_one):
                   ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + note)
             all_metrics.append(metrics)
     except (UserError, data.DataError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:  # a full disk, a folder that vanished: the file and the reason, not a traceback
         sys.exit(f"error: {err}")
     if len(seeds) > 1:
         for key in all_metrics[0]:

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 class CoOp(nn.Module):
     """The learnable context V and the prompts built around it."""
 
-    def __init__(self, clip, classnames, n_ctx, ctx_init="", position="end", csc=False):
+    def __init__(self, clip, classnames, n_ctx, ctx_init="", position="end", csc=False, gen=None):
         super().__init__()
         self.clip, self.n_ctx, self.position, self.csc = clip, n_ctx, position, csc
         if ctx_init:
@@ -68,8 +68,8 @@ class CoOp(nn.Module):
             ctx = ctx.expand(len(classnames), -1, -1).clone() if csc else ctx
         else:
             shape = (len(classnames), n_ctx, clip.ctx_dim) if csc else (n_ctx, clip.ctx_dim)
-            ctx = torch.randn(shape, device=clip.device) * 0.02  # nn.init.normal_(std=0.02)
-        self.ctx = nn.Parameter(ctx)
+            ctx = torch.randn(shape, generator=gen) * 0.02  # nn.init.normal_(std=0.02), drawn on the CPU
+        self.ctx = nn.Parameter(ctx.to(clip.device))
         self.classnames = list(classnames)
 
     def prompts(self, classnames):
@@ -107,11 +107,12 @@ def run(args, seed):
         metrics = task.evaluate(zero_shot_predict(task))
         extra["template"] = task.dataset.template
     else:
-        model = CoOp(task.clip, task.classnames, args.n_ctx, args.ctx_init, args.class_token_position, args.csc)
+        model = CoOp(task.clip, task.classnames, args.n_ctx, args.ctx_init, args.class_token_position, args.csc,
+                     gen=common.generator(seed, "context init"))
         start, feature_s = time.perf_counter(), task.cache.seconds
         stats = common.fit([model.ctx], lambda feats, labels: coop_loss(model, feats, labels),
                            lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=task.clip.precision,
                            seed=seed, device=task.clip.device, desc=f"CoOp seed {seed}")
         # the augmented views encoded on the way are feature extraction, not training
         task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
@@ -119,9 +120,8 @@ def run(args, seed):
         words = common.nearest_words(task.clip, model.ctx.detach())
         if not args.csc:
             print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
-        torch.save({"ctx": model.ctx.detach().cpu(), "n_ctx": args.n_ctx, "ctx_init": args.ctx_init,
-                    "position": args.class_token_position, "csc": args.csc, "classnames": task.classnames,
-                    "backbone": task.clip.backbone, "weights": task.clip.weights}, out / "prompt.pt")
+        common.save_prompt(out, task, ctx=model.ctx, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
+                           position=args.class_token_position, csc=args.csc)
         extra = {"train": stats, "nearest_words": words}
     common.write_results(out, task, method, metrics, extra)
     return metrics

@@ -235,11 +235,11 @@ def load_or_pretrain(clip, llm, names, args):
 
 # ------------------------------------------------------------------ stage 2: the weighted prompts
 class DeMul(nn.Module):
-    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init, phi, psi, generator):
+    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init, phi, psi, gen=None):
         super().__init__()
         self.clip, self.n_ctx, self.classnames = clip, n_ctx, list(classnames)
-        # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator
-        ctx = (torch.randn(n_prompts, n_ctx, clip.ctx_dim, generator=generator) * 0.02).to(clip.device)
+        # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator gen
+        ctx = (torch.randn(n_prompts, n_ctx, clip.ctx_dim, generator=gen) * 0.02).to(clip.device)
         if ctx_init:
             ctx[0] = common.words_to_embeddings(clip, ctx_init)  # --ctx-init WORDS: prompt 1 from words
         self.ctx = nn.Parameter(ctx)
@@ -304,16 +304,17 @@ def run(args, seed):
     phi, psi, pre = load_or_pretrain(clip, llm, names, args)
     print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
     targets = llm(task.classnames).to(clip.device)  # h(name_i)
-    gen = torch.Generator().manual_seed(seed)  # DeMul's own randomness: prompt starts, then prompt sampling
-    model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi, gen)
+    model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi,
+                  gen=common.generator(seed, "context init"))
     everything, m = list(range(args.n_prompts)), args.prompts_per_step or args.n_prompts
+    gen = common.generator(seed, "prompt sampling")
     sample = lambda: everything if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
     hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
     start, feature_s = time.perf_counter(), task.cache.seconds
     stats = common.fit([model.ctx, model.raw, *phi.parameters()],
                        lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
                        lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=clip.precision,
                        seed=seed, device=clip.device, desc=f"DeMul seed {seed}",
                        no_decay=[model.raw])  # reconstruction: w ignores the scale of a (docstring)
     task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
@@ -329,8 +330,7 @@ def run(args, seed):
 
     metrics = task.evaluate(predict)
     threshold = 0.1 / args.n_prompts
-    torch.save({"ctx": model.ctx.detach().cpu(), "raw_weights": model.raw.detach().cpu(), "phi": phi.state_dict(),
-                "classnames": task.classnames, "args": vars(args)}, out / "prompt.pt")
+    common.save_prompt(out, task, ctx=model.ctx, raw_weights=model.raw, phi=phi.state_dict(), args=vars(args))
     common.write_results(out, task, "demul", metrics, {
         "llm": {"spec": args.llm, "dim": int(targets.shape[1]), "embedded": llm.embedded}, "pretrain": pre, "train": stats,
         "final_loss_terms": {k: float(v) for k, v in terms.items()},

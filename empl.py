@@ -259,30 +259,29 @@ def run(args, seed):
 
     start, feature_s = time.perf_counter(), task.cache.seconds
     stats = common.fit([model.ctx], loss, lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=clip.precision,
                        seed=seed, device=device, desc=f"EMPL seed {seed}")
     task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
 
     # the same run's cost relative to plain CoOp: a training step (forward + backward) and the evaluation
     x, y = task.train_features(0)[:args.batch_size], task.labels[:args.batch_size]
     def step(loss_fn):
-        with common.autocast(device, args.precision):
+        with common.autocast(device, clip.precision):
             value = loss_fn()
         value.backward()
         model.ctx.grad = None
     coop_step = common.seconds(lambda: step(lambda: F.cross_entropy(common.cosine_logits(x, observed(model.ctx),
-                                                                                  clip.logit_scale), y)))
+                                                                                  clip.logit_scale), y)), device)
     empl_step = common.seconds(lambda: step(lambda: loss(x, y, torch.Generator().manual_seed(0),
-                                                  torch.Generator(device=device).manual_seed(0))))
+                                                  torch.Generator(device=device).manual_seed(0))), device)
     without = task.evaluate(lambda names, feats: model.mean_logits(feats, names))  # the learned context, no SGLD
     coop_eval_s = task.times["evaluation_s"]
     eval_gen = torch.Generator(device=device).manual_seed(seed)
     metrics = task.evaluate(lambda names, feats: predict(model, names, feats, args.samples, eval_gen))
     first = next(iter(task.evals.values()))
-    diversity = spread(model, first.classnames, first.feats, max(2, args.samples),
+    diversity = spread(model, first.classnames, task.eval_features(first), max(2, args.samples),
                        torch.Generator(device=device).manual_seed(seed))
-    torch.save({"ctx": model.ctx.detach().cpu(), "n_ctx": len(model.ctx), "position": position, "csc": False,
-                "classnames": task.classnames, "backbone": clip.backbone, "weights": clip.weights}, out / "prompt.pt")
+    common.save_prompt(out, task, ctx=model.ctx, n_ctx=len(model.ctx), position=position, csc=False)
     extra = {"train": stats, "metrics_without_sampling": without, "prompt_spread": diversity,
              "sgld": {"steps": args.sgld_steps, "step_size": args.sgld_step_size, "layers": args.sgld_layers,
                       "enters_block": model.layer, "samples_test": args.samples, "chains_per_image_train": 1,

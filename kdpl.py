@@ -110,7 +110,7 @@ class Student(nn.Module):
 
 def teacher_text_features(teacher, names, template, precision):
     """Frozen teacher text features of hand-crafted prompts, computed once (init_teacher_text_features)."""
-    with common.autocast(teacher.device, precision):
+    with common.autocast(teacher.device, teacher.precision):
         return common.encode_texts(teacher, [template.format(n.replace("_", " ")) for n in names])
 
 
@@ -159,7 +159,7 @@ def train(task, student, teacher, teacher_text, k, args, seed):
     start, feature_s = time.perf_counter(), task.cache.seconds
     stats = common.fit([student.ctx], lambda s, t: kdpl_loss(student, teacher_text, s, t, k), epoch_data,
                        n=len(task.train), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       precision=args.precision, seed=seed, device=task.clip.device, desc=f"KDPL seed {seed}")
+                       precision=task.clip.precision, seed=seed, device=task.clip.device, desc=f"KDPL seed {seed}")
     task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
     return stats, spent
 
@@ -225,8 +225,7 @@ def run(args, seed):
 
     words = common.nearest_words(task.clip, student.ctx.detach())
     print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
-    torch.save({"ctx": student.ctx.detach().cpu(), "ctx_init": args.ctx_init, "position": "end",
-                "backbone": task.clip.backbone, "weights": task.clip.weights}, out / "prompt.pt")
+    common.save_prompt(out, task, ctx=student.ctx, ctx_init=args.ctx_init, position="end")
     extra = {"train": stats, "nearest_words": words, "k": k, "class_agnostic": args.class_agnostic,
              "teacher": {"backbone": teacher.backbone, "weights": teacher.weights, "train_template": template,
                          "eval_template": task.dataset.template, "zero_shot": teacher_metrics,

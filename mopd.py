@@ -178,13 +178,15 @@ class MoPD(nn.Module):
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)
 
     def teacher_logits(self, image_feats):
-        """l^h = s * z . t_h^T for every hard prompt h: (B, H, C)."""
+        """l^h = s * z . t_h^T for every hard prompt h: (B, H, C), in fp32 (bf16 would tie, as in cosine_logits)."""
         z = F.normalize(image_feats.float(), dim=-1)
-        return self.clip.logit_scale * torch.einsum("bd,hcd->bhc", z, self.teacher)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.clip.logit_scale * torch.einsum("bd,hcd->bhc", z, self.teacher.float())
 
     def gate_logits(self, image_feats):
-        """g(x) = z W_g on the normalised image feature (MoPD.py l.200): (B, H)."""
-        return F.normalize(image_feats.float(), dim=-1) @ self.gate
+        """g(x) = z W_g on the normalised image feature (MoPD.py l.200): (B, H), in fp32."""
+        with torch.autocast(image_feats.device.type, enabled=False):
+            return F.normalize(image_feats.float(), dim=-1) @ self.gate
 
 
 def select(gate_logits, top_t):
@@ -233,7 +235,7 @@ def run(args, seed):
     start, feature_s = time.perf_counter(), task.cache.seconds
     stats = common.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, args)[0],
                        lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=task.clip.precision,
                        seed=seed, device=task.clip.device, desc=f"MoPD seed {seed}")
     task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
     if stats["steps_per_epoch"] == 1:
@@ -247,9 +249,8 @@ def run(args, seed):
         _, parts = model_loss(model, train_test_view, task.labels, args)
     trusted = sorted(zip(usage, args.templates), reverse=True)[:3]
     print("templates the gate trusts most:", "; ".join(f"{u:.2f} {t!r}" for u, t in trusted))
-    torch.save({"ctx": model.ctx.detach().cpu(), "gate": model.gate.detach().cpu(), "templates": args.templates,
-                "ctx_init": args.ctx_init, "top_t": args.top_t, "classnames": task.classnames,
-                "backbone": task.clip.backbone, "weights": task.clip.weights}, out / "prompt.pt")
+    common.save_prompt(out, task, ctx=model.ctx, gate=model.gate, templates=args.templates, ctx_init=args.ctx_init,
+                       top_t=args.top_t)
     extra = {"train": stats, "steps_per_epoch": stats["steps_per_epoch"],
              "gate_weight_per_template": [{"template": t, "weight": u} for t, u in zip(args.templates, usage)],
              "final_losses": {k: float(parts[k]) for k in ("ce", "mpd", "mps")},
