@@ -221,8 +221,8 @@ def load_or_pretrain(clip, llm, names, args):
         phi.load_state_dict(state["phi"]), psi.load_state_dict(state["psi"])
         return phi, psi, dict(state["info"], reused=True)
     start = time.perf_counter()
+    v = llm(names).to(clip.device)  # first: a missing key or package stops the run before any encoding
     u = F.normalize(common.encode_texts(clip, [NAME_TEMPLATE.format(n) for n in names]), dim=-1)
-    v = llm(names).to(clip.device)
     phi, psi, losses = pretrain_maps(u, v, args.mlp_hidden, args.pretrain_epochs, args.pretrain_lr)
     info = dict(key, cache=str(path), n_names=len(names), llm_dim=v.shape[1], loss_per_epoch=losses,
                 seconds=time.perf_counter() - start)
@@ -268,10 +268,12 @@ def l1_penalty(raw, form):  # reconstruction: mean over classes, as the CE's pul
 
 
 def combined_logits(image_feats, text, w, scale, mode):
-    """text (C, M, D), w (C, M) -> class logits (B, C)."""
+    """text (C, M, D), w (C, M) -> class logits (B, C), in fp32 even under autocast (bf16 logits tie)."""
+    image_feats, text, w = image_feats.float(), text.float(), w.float()
     if mode == "prob":  # Eq. (4): p(i|x) = sum_j w_ij p_j(i|x); reconstruction: CE renormalises over classes
-        logp = (scale * torch.einsum("bd,cmd->bcm", F.normalize(image_feats, dim=-1),
-                                     F.normalize(text, dim=-1))).log_softmax(dim=1)
+        with torch.autocast(image_feats.device.type, enabled=False):
+            logp = (scale * torch.einsum("bd,cmd->bcm", F.normalize(image_feats, dim=-1),
+                                         F.normalize(text, dim=-1))).log_softmax(dim=1)
         return torch.logsumexp(logp + w.clamp_min(1e-12).log(), dim=2)
     mean = (w.unsqueeze(-1) * F.normalize(text, dim=-1)).sum(1)  # R4's reading of the code: t_i = sum_j w_ij t_ij
     return common.cosine_logits(image_feats, mean, scale)

@@ -23,7 +23,10 @@ Protocols, as the official scripts run them (same commit, src/scripts/coop_kdpl/
   * cross-dataset / domain generalisation: reproduce_cross_d_train.sh trains on all ImageNet classes, 16 shots,
     then tests the prompt on other datasets: here --eval-on, which makes fewshot (all classes) the default.
 Different: the teacher sees the student's augmented crops through the shared feature cache (same crop per
-(image, view) for both towers, each encoded once, never per step); AMP instead of fp16; the teacher logits,
+(image, view) for both towers, each encoded once, never per step). Precision: the official code runs the
+student in fp16 (COOP.PREC) and the teacher in fp32 end to end; here the student trains under autocast with
+fp32 weights (--precision: bf16 on CUDA) and the teacher encodes images and texts in fp32 (--teacher-precision
+fp32, its features cached under their own key), so its soft targets are the official ones; the teacher logits,
 selection and KL run in fp32. Added: the teacher's own zero-shot accuracy on the evaluation sets, when they
 are small (--teacher-eval). KDPL-CA's dictionary is the official ~20k-name CSV when passed with --dictionary;
 the offline default is WordNet's ~118k nouns, which differs from the paper's (reconstructed choice).
@@ -65,6 +68,8 @@ def parse_args(argv=None):
                    help="open_clip architecture of the frozen teacher (tiny-wide for smoke runs)")
     p.add_argument("--teacher-pretrained", default="dfn5b",  # kdpl_utils.load_teacher_to_cpu
                    help="teacher weights: open_clip tag, checkpoint file, or none")
+    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"],  # the official teacher: fp32
+                   help="autocast of the teacher's image and text encoding (the official teacher runs in fp32)")
     p.add_argument("--ctx-init", default="a photo of a",  # CTX_INIT in *_ctxv1.yaml (N_CTX 4)
                    help="words initialising the student's shared context (M = their token count)")
     p.add_argument("--class-agnostic", action="store_true",
@@ -108,8 +113,9 @@ class Student(nn.Module):
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)
 
 
-def teacher_text_features(teacher, names, template, precision):
-    """Frozen teacher text features of hand-crafted prompts, computed once (init_teacher_text_features)."""
+def teacher_text_features(teacher, names, template):
+    """Frozen teacher text features of hand-crafted prompts, computed once (init_teacher_text_features),
+    in the teacher's own precision."""
     with common.autocast(teacher.device, teacher.precision):
         return common.encode_texts(teacher, [template.format(n.replace("_", " ")) for n in names])
 
@@ -180,7 +186,7 @@ def teacher_zero_shot(task, teacher):
     metrics = {}
     for which, ev in task.evals.items():
         feats = task.cache.get(teacher, ev.dataset, ev.items, "test")
-        text = teacher_text_features(teacher, ev.classnames, data.TEMPLATES[ev.dataset], task.args.precision)
+        text = teacher_text_features(teacher, ev.classnames, data.TEMPLATES[ev.dataset])
         logits = common.cosine_logits(feats, text, task.clip.logit_scale)
         metrics["accuracy" if which == "all" else which] = common.accuracy(logits, ev.labels)
     if "base" in metrics:
@@ -203,11 +209,11 @@ def run(args, seed):
                                    f"--k-max {len(names)} or a larger --dictionary")
     task = common.prepare(args, seed)
     student_s = task.cache.seconds
-    teacher = common.load_clip(args.teacher, args.teacher_pretrained, task.clip.device)
+    teacher = common.load_clip(args.teacher, args.teacher_pretrained, task.clip.device, args.teacher_precision)
     if not args.class_agnostic:
         names, template, k = task.classnames, task.dataset.template, len(task.classnames)  # K = all classes
     start = time.perf_counter()
-    teacher_text = teacher_text_features(teacher, names, template, args.precision)
+    teacher_text = teacher_text_features(teacher, names, template)
     student = Student(task.clip, names, args.ctx_init)
     task.times["text_setup_s"] = time.perf_counter() - start
 
@@ -227,7 +233,9 @@ def run(args, seed):
     print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
     common.save_prompt(out, task, ctx=student.ctx, ctx_init=args.ctx_init, position="end")
     extra = {"train": stats, "nearest_words": words, "k": k, "class_agnostic": args.class_agnostic,
-             "teacher": {"backbone": teacher.backbone, "weights": teacher.weights, "train_template": template,
+             "teacher": {"backbone": teacher.backbone, "weights": teacher.weights, "precision": teacher.precision,
+                         "activation": {"name": teacher.activation, "chosen_by": teacher.activation_source},
+                         "train_template": template,
                          "eval_template": task.dataset.template, "zero_shot": teacher_metrics,
                          "zero_shot_eval": {"ran": ran, "mode": args.teacher_eval, "note": note}},
              "dictionary": {"source": args.dictionary or "wordnet", "size": len(names)} if args.class_agnostic

@@ -1207,7 +1207,7 @@ def test_shuffled_labels_leave_the_trained_prompt_bit_identical(clip, teacher, t
     ctxs = []
     for lab in (labels, shuffled):
         task = fake_task(tmp_path, clip, names, lab)
-        teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template, "fp32")
+        teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template)
         student = kdpl.Student(clip, names, "a photo of a")
         stats, spent = kdpl.train(task, student, teacher, teacher_text, len(names), task.args, seed=1)
         ctxs.append(student.ctx.detach().clone())
@@ -2065,14 +2065,20 @@ def test_logits_stay_fp32_under_bf16_autocast(clip):
     """bf16 logits at scale 100 come in steps of 0.25-0.5: ties that argmax resolves towards class 0."""
     gen = torch.Generator().manual_seed(0)
     image, text = torch.randn(64, clip.embed_dim, generator=gen), torch.randn(100, clip.embed_dim, generator=gen)
-    exact = common.cosine_logits(image, text, clip.logit_scale)
     model = mopd.MoPD(clip, EUROSAT_NAMES[:3], F.normalize(torch.randn(4, 3, clip.embed_dim, generator=gen), dim=-1),
                       top_t=2)
+    model.gate.data = torch.randn(model.gate.shape, generator=gen)
+    prompts, w = text[:30].view(10, 3, -1), torch.full((10, 3), 1 / 3)
+
+    def all_logits():
+        return [common.cosine_logits(image, text, clip.logit_scale), model.teacher_logits(image),
+                model.gate_logits(image), *[demul.combined_logits(image, prompts, w, clip.logit_scale, mode)
+                                            for mode in ("prob", "embed")]]
+    exact = all_logits()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = common.cosine_logits(image, text, clip.logit_scale)
-        teacher, gate = model.teacher_logits(image), model.gate_logits(image)
-    assert logits.dtype == teacher.dtype == gate.dtype == torch.float32
-    assert torch.allclose(logits, exact, atol=1e-4)
+        under_autocast = all_logits()
+    for got, want in zip(under_autocast, exact):
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-4)
 
 
 def test_a_cuda_device_is_checked_and_timed_on_itself(monkeypatch):
@@ -2229,3 +2235,15 @@ def test_every_method_checks_its_cheap_preconditions_before_encoding_any_image(n
     assert message in str(exit_.value.code) + capsys.readouterr().err
     assert not list(cache.rglob("*.pt")), "an image was encoded before the run failed"
     assert not out.exists(), "a failed run left a results folder behind"
+
+
+def test_the_kdpl_teacher_encodes_in_fp32_while_the_student_uses_autocast(mini_root, tmp_path, monkeypatch):
+    result, _ = run_method("kdpl", mini_root, tmp_path / "runs", tmp_path / "cache", "--precision", "bf16",
+                           monkeypatch=monkeypatch)
+    assert (result["precision"], result["teacher"]["precision"]) == ("bf16", "fp32")
+    stored = {p.parts[-3].split("__")[0]: torch.load(p)["feats"].dtype for p in (tmp_path / "cache").rglob("train_view0000.pt")}
+    assert stored == {"tiny": torch.bfloat16, "tiny-wide": torch.float32}  # features are stored as computed
+    teacher = common.load_clip("tiny-wide", "none", precision="fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside the student's autocast
+        text = kdpl.teacher_text_features(teacher, EUROSAT_NAMES, "a photo of a {}.")
+    assert torch.equal(text, common.encode_texts(teacher, [f"a photo of a {n}." for n in EUROSAT_NAMES]))
