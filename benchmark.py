@@ -120,7 +120,7 @@ def main():
         def run():
             with common.autocast(device, clip.precision):
                 x = prompts.embed(model.ctx)
-                common.encode_embeddings(clip, padded_to_77(x) if pad else x, prompts.eot).float().sum().backward()
+                common.encode_text(clip, padded_to_77(x) if pad else x, prompts.eot).float().sum().backward()
         return run
 
     cut_s = common.seconds(text_pass(False), device, args.repeats)

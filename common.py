@@ -278,19 +278,6 @@ def _from_tag(backbone, pretrained, quick_gelu):
 # --------------------------------------------------------------------------------------------------
 # Text tower at the embedding level
 # --------------------------------------------------------------------------------------------------
-def seconds(fn, device, repeat=3):
-    """Mean wall time of fn() after one warm-up call, synchronised on a CUDA device (for cost comparisons)."""
-    device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeat
-
-
 def tokenize(clip, texts):
     return clip.tokenizer(texts).to(clip.device)
 
@@ -300,41 +287,23 @@ def eot_positions(tokens):
     return tokens.argmax(dim=-1)
 
 
-def run_text_blocks(clip, x, start=0, stop=None):
-    """Causal transformer blocks [start, stop) on hidden states x (N, L, width)."""
-    text = clip.text
-    L = x.shape[1]
-    mask = text.attn_mask[:L, :L].to(x.device)  # the causal mask cut to the sequence length
-    if not text.transformer.batch_first:
-        x = x.transpose(0, 1)
-    for block in text.transformer.resblocks[start:stop]:
-        x = block(x, attn_mask=mask)
-    return x if text.transformer.batch_first else x.transpose(0, 1)
+def encode_text(clip, x, eot):
+    """Text features (N, D) of token embeddings x (N, L, width): CoOp's TextEncoder.forward,
+    https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L46-L57
+
+    Because the mask is causal and the output is read at the EOT token, every position after the longest
+    EOT is dead weight: callers pass sequences cut to max(eot) + 1 (the tests prove that the result equals
+    the full 77-token encoding)."""
+    text, L = clip.text, x.shape[1]
+    x = x + text.positional_embedding[:L].to(x.dtype)
+    x = text.transformer(x, attn_mask=text.attn_mask[:L, :L])  # CLIP's causal mask, cut to the length
+    x = text.ln_final(x)
+    x = x[torch.arange(len(x), device=x.device), eot]  # the feature at the EOT token
+    return project_text(clip, x)
 
 
-def encode_embeddings(clip, x, eot):
-    """Text features (N, D) from token embeddings x (N, L, width): positional embedding, causal
-    transformer, ln_final, the feature at the EOT token, projection.
-
-    Because the mask is causal and the output is read at the EOT token, every position after the
-    longest EOT is dead weight: callers pass sequences cut to max(eot) + 1 (test_methods proves that
-    the result equals the full 77-token encoding)."""
-    return encode_hidden(clip, hidden_states(clip, x, 0), eot, 0)
-
-
-def hidden_states(clip, x, layer):
-    """Hidden states entering transformer block `layer` for token embeddings x (layer 0: x + positions)."""
-    x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
-    return run_text_blocks(clip, x, stop=layer)
-
-
-def encode_hidden(clip, h, eot, layer):
-    """Text features from hidden states h entering block `layer`: the rest of the tower. The hook EMPL
-    uses to act on the prompt inside the top layers only."""
-    text = clip.text
-    x = text.ln_final(run_text_blocks(clip, h, start=layer))
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
-    proj = text.text_projection
+def project_text(clip, x):
+    proj = clip.text.text_projection
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
@@ -346,7 +315,7 @@ def encode_texts(clip, texts, batch_size=1000):
         tokens = tokenize(clip, texts[i:i + batch_size])
         eot = eot_positions(tokens)
         tokens = tokens[:, : int(eot.max()) + 1]
-        feats.append(encode_embeddings(clip, clip.text.token_embedding(tokens), eot).float())
+        feats.append(encode_text(clip, clip.text.token_embedding(tokens), eot).float())
     return torch.cat(feats)
 
 
@@ -358,7 +327,31 @@ def words_to_embeddings(clip, words):
         return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
 
 
-class ClassPrompts(nn.Module):
+# The same tower cut in two at block `layer`, for EMPL, which samples the prompt's hidden states entering
+# the top blocks: encode_hidden(clip, hidden_states(clip, x, layer), eot, layer) == encode_text(clip, x, eot).
+def hidden_states(clip, x, layer):
+    """Hidden states entering transformer block `layer` for token embeddings x (layer 0: x + positions)."""
+    x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
+    return run_text_blocks(clip, x, stop=layer)
+
+
+def encode_hidden(clip, h, eot, layer):
+    """Text features from hidden states h entering block `layer`: the rest of the tower."""
+    x = clip.text.ln_final(run_text_blocks(clip, h, start=layer))
+    return project_text(clip, x[torch.arange(len(x), device=x.device), eot])
+
+
+def run_text_blocks(clip, x, start=0, stop=None):
+    """Causal transformer blocks [start, stop) on hidden states x (N, L, width)."""
+    text, L = clip.text, x.shape[1]
+    if not text.transformer.batch_first:
+        x = x.transpose(0, 1)
+    for block in text.transformer.resblocks[start:stop]:
+        x = block(x, attn_mask=text.attn_mask[:L, :L])
+    return x if text.transformer.batch_first else x.transpose(0, 1)
+
+
+class ClassPrompts:
     """CoOp's prompt layout for a list of class names, at the token-embedding level:
         end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
         middle: [SOS] [ctx_1 .. ctx_M/2] [CLASS] [ctx_M/2+1 .. ctx_M] . [EOT]
@@ -369,15 +362,13 @@ class ClassPrompts(nn.Module):
     its parameters."""
 
     def __init__(self, clip, classnames, n_ctx, position="end"):
-        super().__init__()
         if position not in ("end", "middle", "front"):
             raise UserError(f"class token position must be end, middle or front, not {position!r}")
         self.clip, self.n_ctx, self.position = clip, n_ctx, position
         names = [name.replace("_", " ") for name in classnames]
         tokens = tokenize(clip, [" ".join(["X"] * n_ctx + [f"{name}."]) for name in names])
         eot = eot_positions(tokens)
-        self.register_buffer("tokens", tokens[:, :int(eot.max()) + 1], persistent=False)
-        self.register_buffer("eot", eot, persistent=False)
+        self.tokens, self.eot = tokens[:, :int(eot.max()) + 1], eot
         if position != "end":  # BPE tokens of each class name (CoOp's name_lens)
             self.name_lens = [len(clip.tokenizer.encode(name)) for name in names]
 
@@ -429,9 +420,9 @@ class ClassPrompts(nn.Module):
                 mask[i, 1 + n:1 + n + self.n_ctx] = 1
         return mask
 
-    def forward(self, ctx, rows=None):
-        """Text features (R, D) of the prompts with context ctx (of the names in rows, or all)."""
-        return encode_embeddings(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
+    def features(self, ctx, rows=None):
+        """Text features g(t_i) (R, D) of the prompts with context ctx (of the names in rows, or all)."""
+        return encode_text(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
 
 
 def cosine_logits(image_feats, text_feats, logit_scale):
@@ -520,6 +511,7 @@ class FeatureCache:
     batch_size: int = 100  # Dassl's test batch
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
     computed: int = 0
+    seconds_by_tower: Counter = field(default_factory=Counter)  # the same time per backbone (student, teacher)
 
     def path(self, clip, dataset, view):
         name = "test" if view == "test" else f"train_view{int(view):04d}"
@@ -570,6 +562,7 @@ class FeatureCache:
                 # stored as computed (fp32, or bf16/fp16 under autocast): a cached feature is the computed one
                 feats.append(clip.model.encode_image(images.to(clip.device, non_blocking=True)))
         self.seconds += time.perf_counter() - start
+        self.seconds_by_tower[f"{clip.backbone} ({clip.weights})"] += time.perf_counter() - start
         self.computed += len(items)
         return torch.cat(feats)
 
@@ -600,6 +593,19 @@ IMAGENET_EPOCHS = 50                                        # CoOp's ImageNet co
 def fewshot_epochs(dataset, shots):
     """CoOp's few-shot epochs for a shot count (None where the official configs have none)."""
     return IMAGENET_EPOCHS if data.canonical_name(dataset) == "imagenet" else FEWSHOT_EPOCHS.get(shots)
+
+
+def resolve_epochs(parser, args, base2new=None):
+    """--epochs, else CoOp's recipe: few-shot epochs per shot count (ImageNet 50), and `base2new` epochs
+    for the base-to-new protocol when given (ImageNet keeps 50)."""
+    if args.epochs is None:
+        official = fewshot_epochs(args.dataset, args.shots)
+        base_to_new = args.protocol == "base2new" and base2new is not None and official != IMAGENET_EPOCHS
+        args.epochs = base2new if base_to_new else official
+        if args.epochs is None:
+            parser.error(f"no official epoch count for {args.shots} shots; pass --epochs")
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
 
 
 def steps_per_epoch(n, batch_size):
@@ -727,6 +733,40 @@ class Task:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
 
+    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc=""):
+        """common.fit with this run's settings (--epochs, --batch-size, --lr, precision, seed, device) over
+        its training set; epoch_data defaults to (that epoch's view features, labels). The training time
+        is recorded net of the features computed on the way (augmented views are image-tower work)."""
+        epoch_data = epoch_data or (lambda epoch: (self.train_features(epoch), self.labels))
+        start, feature_s = time.perf_counter(), self.cache.seconds
+        stats = fit(params, loss_fn, epoch_data, n=len(self.train), epochs=self.args.epochs,
+                    batch_size=self.args.batch_size, lr=self.args.lr, precision=self.clip.precision, seed=self.seed,
+                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay)
+        self.times["training_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
+        return stats
+
+    def load_prompt(self, method):
+        """The prompt.pt given by --load-prompt (None when this run trains), checked against this run:
+        written by `method`, for the same backbone, weights and activation."""
+        path = getattr(self.args, "load_prompt", None)
+        if not path:
+            return None
+        try:
+            saved = torch.load(path, map_location=self.clip.device)
+        except Exception as err:  # missing, truncated, not a torch file
+            raise UserError(f"--load-prompt {path}: cannot read it ({type(err).__name__}: {err}); give the prompt.pt "
+                            f"that a training run wrote next to its results.json") from None
+        if not isinstance(saved, dict) or saved.get("method") != method:
+            found = saved.get("method") if isinstance(saved, dict) else None
+            raise UserError(f"--load-prompt {path} was written by {found or 'something else'}, not by {method}: "
+                            f"evaluate it with that method's file")
+        mine = (self.clip.backbone, self.clip.weights, self.clip.activation)
+        theirs = (saved.get("backbone"), saved.get("weights"), saved.get("activation"))
+        if mine != theirs:
+            raise UserError(f"--load-prompt {path} was trained with {' / '.join(map(str, theirs))}; this run loads "
+                            f"{' / '.join(mine)}: pass the same --backbone, --pretrained (and --quick-gelu)")
+        return saved
+
     def eval_features(self, ev, clip=None):
         """Test features of an evaluation set (encoded on first use, so a run checks everything cheap --
         files, keys, flags -- before the image tower runs)."""
@@ -838,6 +878,9 @@ def base_parser(description):
                    help="augmented views per training image, cycled over epochs; 0 = a fresh view every "
                         "epoch (the official behaviour); every view is cached for later runs")
     p.add_argument("--epochs", type=int, help="training epochs (default: the method's per-shot recipe)")
+    p.add_argument("--load-prompt", metavar="FILE",
+                   help="no training: evaluate a saved prompt.pt of this method (same backbone and weights) on "
+                        "this dataset's test split and --eval-on; results go to .../<protocol>/loaded/<its run>")
     p.add_argument("--lr", type=float, default=0.002, help="SGD learning rate")  # CoOp configs
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")  # CoOp configs
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -857,8 +900,12 @@ def _dataset_name(name):
 
 
 def run_dir(args, method, seed):
-    return Path(args.output) / method / data.canonical_name(args.dataset) / args.protocol / \
-        f"shots_{args.shots}" / f"seed_{seed}"
+    """<output>/<method>/<dataset>/<protocol>/shots_<k>/seed_<s>; an evaluation of a saved prompt goes to
+    <output>/<method>/<dataset>/<protocol>/loaded/<the prompt's run>, never over a training run."""
+    where = Path(args.output) / method / data.canonical_name(args.dataset) / args.protocol
+    if getattr(args, "load_prompt", None):
+        return where / "loaded" / "_".join(Path(args.load_prompt).resolve().parent.parts[-5:])
+    return where / f"shots_{args.shots}" / f"seed_{seed}"
 
 
 def claim_run_dir(args, method, seed):
@@ -890,10 +937,13 @@ def _to_cpu(value):
     return value
 
 
-def save_prompt(out, task, **fields):
-    """prompt.pt: the learned tensors (on the CPU, loadable anywhere) and what they belong to."""
+def save_prompt(out, task, method, ctx, position="end", csc=False, **fields):
+    """prompt.pt, one format for every method: the learned context ctx (shared (M, d), class-specific
+    (C, M, d), or one per prompt), the method's other learned tensors, and what they belong to (method,
+    classes, backbone, weights, activation), on the CPU so that it loads anywhere (--load-prompt)."""
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(_to_cpu({**fields, "classnames": task.classnames, "backbone": task.clip.backbone,
+    torch.save(_to_cpu({"method": method, "ctx": ctx, "n_ctx": ctx.shape[-2], "position": position, "csc": csc,
+                        **fields, "classnames": task.classnames, "backbone": task.clip.backbone,
                         "weights": task.clip.weights, "activation": task.clip.activation}), out / "prompt.pt")
 
 
@@ -913,7 +963,8 @@ def write_results(out, task, method, metrics, extra):
         "precision": task.clip.precision,
         "config": {k: v for k, v in vars(task.args).items()},
         "versions": versions(), "device": str(task.clip.device),
-        "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed),
+        "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed,
+                      feature_extraction_s_by_tower=dict(task.cache.seconds_by_tower)),
         "classnames": task.classnames,
         "eval_classnames": {name: ev.classnames for name, ev in task.evals.items()},
         "train_images": [it.rel for it in task.train],

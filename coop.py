@@ -1,21 +1,27 @@
 """CoOp -- Learning to Prompt for Vision-Language Models.
-Zhou, Yang, Loy, Liu. IJCV 2022, arXiv 2109.01134. Official code: KaiyangZhou/CoOp.
+Zhou, Yang, Loy, Liu. IJCV 2022, arXiv 2109.01134. Official code: github.com/KaiyangZhou/CoOp, pinned below.
 
-A frozen CLIP classifies with text features of prompts whose words are learned:
+A frozen CLIP classifies with text features of prompts whose words are learned (paper §3.2):
     t_i = [V]_1 [V]_2 ... [V]_M [CLASS_i] .        (context V shared by all classes, or one per class: CSC)
     p(y = i | x) = exp(s * cos(f(x), g(t_i))) / sum_j exp(s * cos(f(x), g(t_j)))      s = CLIP's logit scale
     L = cross-entropy(p(y | x), y)
-Only V trains. Faithful to the official recipe (configs/trainers/CoOp/*.yaml, methods.md §2): M = 16 with
-random N(0, 0.02^2) init for few-shot, M = 4 from "a photo of a" for base-to-new (CoCoOp's protocol),
-SGD 0.002 + warm-up + cosine, batch 32, epochs 50/100/100/200/200 for 1/2/4/8/16 shots (ImageNet 50).
-Differences: AMP with fp32 context instead of fp16, and cached image features (common.py).
+Only V trains. Faithful to the official recipe: M = 16 with random N(0, 0.02^2) init for few-shot, M = 4 from
+"a photo of a" for base-to-new (CoCoOp's protocol), SGD 0.002 + one warm-up epoch at 1e-5 + cosine, batch 32,
+epochs 50/100/100/200/200 for 1/2/4/8/16 shots (ImageNet 50), the last epoch's prompt is evaluated. Sources:
+https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L60-L117
+    PromptLearner: the init (L72-L90) and the class-token positions (L118-L182)
+https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L195-L207
+    CustomCLIP.forward: logits = s * norm(f(x)) @ norm(g(t)).T
+https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/configs/trainers/CoOp/vit_b16_ep50.yaml
+    and the other configs/trainers/CoOp/*.yaml (rn50*, vit_b16*, *_ep50, *_ep100, *_ctxv1), scripts/coop/main.sh
+Differences: autocast with an fp32 context instead of the official fp16 context, and cached image features
+(common.py says why and how).
 
     python coop.py --dataset eurosat --shots 1
     python coop.py --dataset eurosat --protocol base2new --shots 16
     python coop.py --dataset eurosat --zero-shot            # zero-shot CLIP with CoOp's dataset template
+    python coop.py --dataset caltech101 --load-prompt runs/coop/imagenet/fewshot/shots_16/seed_1/prompt.pt
 """
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +48,8 @@ def parse_args(argv=None):
     if args.csc and args.eval_on:
         p.error("--csc learns one context per training class; it cannot be tested on other datasets' classes "
                 "(--eval-on); drop one of them")
+    if args.zero_shot and args.load_prompt:
+        p.error("--zero-shot uses no learned prompt; drop --load-prompt or --zero-shot")
     if args.ctx_init is None:
         args.ctx_init = "a photo of a" if base2new else ""
     if args.n_ctx is None:
@@ -49,11 +57,8 @@ def parse_args(argv=None):
     elif args.ctx_init and args.n_ctx != len(args.ctx_init.split()):
         p.error(f'--n-ctx {args.n_ctx} contradicts --ctx-init "{args.ctx_init}" ({len(args.ctx_init.split())} '
                 f'words); the official code silently ignores N_CTX in that case, here you choose one')
-    if args.epochs is None and not args.zero_shot:
-        official = common.fewshot_epochs(args.dataset, args.shots)
-        args.epochs = EPOCHS_BASE2NEW if base2new and official != common.IMAGENET_EPOCHS else official
-        if args.epochs is None:
-            p.error(f"no official epoch count for {args.shots} shots; pass --epochs")
+    if not args.zero_shot:
+        common.resolve_epochs(p, args, base2new=EPOCHS_BASE2NEW)
     return args
 
 
@@ -78,12 +83,23 @@ class CoOp(nn.Module):
         return self.clip.prompts(classnames, self.n_ctx, self.position)
 
     def logits(self, image_feats, classnames=None):
-        text = self.prompts(classnames or self.classnames)(self.ctx)   # g(t_i) for every class
+        text = self.prompts(classnames or self.classnames).features(self.ctx)  # g(t_i) for every class
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)  # s * cos(f(x), g(t_i))
 
 
 def coop_loss(model, image_feats, labels):
     return F.cross_entropy(model.logits(image_feats), labels)  # L = CE(p(y|x), y)
+
+
+def saved_model(task, saved):
+    """The CoOp of a --load-prompt file (a class-specific context only for its own classes)."""
+    if saved["csc"] and saved["classnames"] != task.classnames:
+        raise common.UserError(f"--load-prompt holds a class-specific context for {len(saved['classnames'])} other "
+                               f"classes; it can only be evaluated on the classes it was trained on")
+    model = CoOp(task.clip, saved["classnames"] if saved["csc"] else task.classnames, saved["n_ctx"],
+                 position=saved["position"], csc=saved["csc"])
+    model.ctx.data.copy_(saved["ctx"])
+    return model
 
 
 def zero_shot_predict(task):
@@ -102,27 +118,24 @@ def run(args, seed):
     method = "zsclip" if args.zero_shot else "coop"
     out = common.claim_run_dir(args, method, seed)
     task = common.prepare(args, seed)
-    extra = {}
     if args.zero_shot:
         metrics = task.evaluate(zero_shot_predict(task))
-        extra["template"] = task.dataset.template
+        common.write_results(out, task, method, metrics, {"template": task.dataset.template})
+        return metrics
+    saved = task.load_prompt("coop")
+    if saved:
+        model, extra = saved_model(task, saved), {"loaded_from": args.load_prompt}
     else:
         model = CoOp(task.clip, task.classnames, args.n_ctx, args.ctx_init, args.class_token_position, args.csc,
                      gen=common.generator(seed, "context init"))
-        start, feature_s = time.perf_counter(), task.cache.seconds
-        stats = common.fit([model.ctx], lambda feats, labels: coop_loss(model, feats, labels),
-                           lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=task.clip.precision,
-                           seed=seed, device=task.clip.device, desc=f"CoOp seed {seed}")
-        # the augmented views encoded on the way are feature extraction, not training
-        task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
-        metrics = task.evaluate(lambda names, feats: model.logits(feats, names))
-        words = common.nearest_words(task.clip, model.ctx.detach())
-        if not args.csc:
-            print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
-        common.save_prompt(out, task, ctx=model.ctx, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
-                           position=args.class_token_position, csc=args.csc)
-        extra = {"train": stats, "nearest_words": words}
+        extra = {"train": task.fit([model.ctx], lambda feats, labels: coop_loss(model, feats, labels), desc="CoOp")}
+    metrics = task.evaluate(lambda names, feats: model.logits(feats, names))
+    extra["nearest_words"] = common.nearest_words(task.clip, model.ctx.detach())
+    if not model.csc:
+        print("nearest words of each context vector:",
+              " | ".join(" ".join(w for w, _ in ws) for ws in extra["nearest_words"]))
+    if not saved:
+        common.save_prompt(out, task, "coop", model.ctx, model.position, model.csc, ctx_init=args.ctx_init)
     common.write_results(out, task, method, metrics, extra)
     return metrics
 

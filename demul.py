@@ -99,10 +99,7 @@ def parse_args(argv=None):
         p.error(f'--n-ctx {args.n_ctx} contradicts --ctx-init "{args.ctx_init}"; pass --ctx-init "" or match them')
     if not 0 <= args.prompts_per_step <= args.n_prompts:
         p.error(f"--prompts-per-step must lie in 1..--n-prompts ({args.n_prompts}), or be 0 for all")
-    if args.epochs is None:
-        args.epochs = common.fewshot_epochs(args.dataset, args.shots)  # reconstruction: CoOp's few-shot recipe
-        if args.epochs is None:
-            p.error(f"no epoch count for {args.shots} shots; pass --epochs")
+    common.resolve_epochs(p, args)  # reconstruction: CoOp's few-shot recipe
     return args
 
 
@@ -235,7 +232,7 @@ def load_or_pretrain(clip, llm, names, args):
 
 # ------------------------------------------------------------------ stage 2: the weighted prompts
 class DeMul(nn.Module):
-    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init, phi, psi, gen=None):
+    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init="", phi=None, psi=None, gen=None):
         super().__init__()
         self.clip, self.n_ctx, self.classnames = clip, n_ctx, list(classnames)
         # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator gen
@@ -244,27 +241,35 @@ class DeMul(nn.Module):
             ctx[0] = common.words_to_embeddings(clip, ctx_init)  # --ctx-init WORDS: prompt 1 from words
         self.ctx = nn.Parameter(ctx)
         # reconstruction: raw weights a_ij, w_ij = |a_ij| / sum_j |a_ij|, uniform start (see prompt_weights)
-        self.raw = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
-        self.phi, self.psi = phi, psi.requires_grad_(False)  # psi frozen in stage 2 (write-ups)
+        self.raw_weights = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
+        self.phi, self.psi = phi, psi and psi.requires_grad_(False)  # psi frozen in stage 2 (write-ups)
 
     def text_features(self, classnames, idx):
         """t_ij for the prompts idx: (C, len(idx), D); one text-tower pass over all C x M' prompts."""
         P = self.clip.prompts(classnames, self.n_ctx)
         x = torch.cat([P.embed(self.ctx[j]) for j in idx])
-        t = common.encode_embeddings(self.clip, x, P.eot.repeat(len(idx)))
+        t = common.encode_text(self.clip, x, P.eot.repeat(len(idx)))
         return t.view(len(idx), len(classnames), -1).transpose(0, 1)
 
 
-def prompt_weights(raw, idx=None):
+def prompt_weights(raw_weights, idx=None):
     """w_ij = |a_ij| / sum_j |a_ij| over the prompts idx (all by default): sum_j w_ij = 1 (R4), scale-free."""
-    a = raw.abs() if idx is None else raw.abs()[:, idx]
+    a = raw_weights.abs() if idx is None else raw_weights.abs()[:, idx]
     return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def l1_penalty(raw, form):  # reconstruction: mean over classes, as the CE's pull on each row scales with 1/C
+def class_weights(model, classnames):
+    """w_i of each class: learned for a training class, uniform for a class never trained (reconstruction:
+    base-to-new's new classes, another dataset's classes)."""
+    learned = dict(zip(model.classnames, prompt_weights(model.raw_weights.detach())))
+    uniform = torch.full((model.ctx.shape[0],), 1.0 / model.ctx.shape[0], device=model.ctx.device)
+    return torch.stack([learned.get(name, uniform) for name in classnames])
+
+
+def l1_penalty(raw_weights, form):  # reconstruction: mean over classes, as the CE's pull on each row scales with 1/C
     """raw: ||a_i||_1 (L1 on the raw weights); ratio: ||a_i||_1 / ||a_i||_2 (1 when one prompt is left)."""
-    l1 = raw.abs().sum(-1)
-    return (l1 if form == "raw" else l1 / raw.norm(dim=-1).clamp_min(1e-12)).mean()
+    l1 = raw_weights.abs().sum(-1)
+    return (l1 if form == "raw" else l1 / raw_weights.norm(dim=-1).clamp_min(1e-12)).mean()
 
 
 def combined_logits(image_feats, text, w, scale, mode):
@@ -291,53 +296,53 @@ def llm_terms(model, t, llm_targets):
 def demul_loss(model, feats, labels, llm_targets, idx, alpha, beta, lam, combine, l1):
     """L = L_cls + alpha L_distill + beta L_cyc + lambda L1(a); returns (loss, terms)."""
     t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
-    logits = combined_logits(feats, t, prompt_weights(model.raw, idx), model.clip.logit_scale, combine)
+    logits = combined_logits(feats, t, prompt_weights(model.raw_weights, idx), model.clip.logit_scale, combine)
     distill, cyc = llm_terms(model, t, llm_targets)
-    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc, "l1": l1_penalty(model.raw, l1)}
+    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc, "l1": l1_penalty(model.raw_weights, l1)}
     return terms["cls"] + alpha * distill + beta * cyc + lam * terms["l1"], terms
 
 
 def run(args, seed):
     out = common.claim_run_dir(args, "demul", seed)
     task = common.prepare(args, seed)
-    clip = task.clip
-    llm = LLMEmbedder(args.llm, args.cache_dir, args.llm_batch, clip.device)
-    names = name_set(args, task.dataset.classnames)
-    phi, psi, pre = load_or_pretrain(clip, llm, names, args)
-    print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
-    targets = llm(task.classnames).to(clip.device)  # h(name_i)
-    model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi,
-                  gen=common.generator(seed, "context init"))
-    everything, m = list(range(args.n_prompts)), args.prompts_per_step or args.n_prompts
-    gen = common.generator(seed, "prompt sampling")
-    sample = lambda: everything if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
-    hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
-    start, feature_s = time.perf_counter(), task.cache.seconds
-    stats = common.fit([model.ctx, model.raw, *phi.parameters()],
-                       lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
-                       lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=clip.precision,
-                       seed=seed, device=clip.device, desc=f"DeMul seed {seed}",
-                       no_decay=[model.raw])  # reconstruction: w ignores the scale of a (docstring)
-    task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
-    w = prompt_weights(model.raw.detach())
-    with torch.no_grad():
-        _, terms = demul_loss(model, task.train_features(args.epochs - 1), task.labels, targets, everything, **hyper)
+    clip, all_prompts = task.clip, list(range(args.n_prompts))
+    saved = task.load_prompt("demul")
+    if saved:  # evaluate the saved prompts and weights: no LLM, no stage 1
+        model = DeMul(clip, saved["classnames"], len(saved["ctx"]), saved["n_ctx"])
+        model.ctx.data.copy_(saved["ctx"])
+        model.raw_weights.data.copy_(saved["raw_weights"])
+        extra = {"loaded_from": args.load_prompt}
+    else:
+        llm = LLMEmbedder(args.llm, args.cache_dir, args.llm_batch, clip.device)
+        phi, psi, pre = load_or_pretrain(clip, llm, name_set(args, task.dataset.classnames), args)
+        print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
+        targets = llm(task.classnames).to(clip.device)  # h(name_i)
+        model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi,
+                      gen=common.generator(seed, "context init"))
+        m, gen = args.prompts_per_step or args.n_prompts, common.generator(seed, "prompt sampling")
+        sample = lambda: all_prompts if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
+        hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
+        stats = task.fit([model.ctx, model.raw_weights, *phi.parameters()],
+                         lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
+                         no_decay=[model.raw_weights], desc="DeMul")  # reconstruction: w ignores the scale of a
+        with torch.no_grad():
+            _, terms = demul_loss(model, task.train_features(args.epochs - 1), task.labels, targets, all_prompts,
+                                  **hyper)
+        extra = {"llm": {"spec": args.llm, "dim": int(targets.shape[1]), "embedded": llm.embedded}, "pretrain": pre,
+                 "train": stats, "final_loss_terms": {k: float(v) for k, v in terms.items()}}
 
-    def predict(classnames, feats):  # reconstruction: classes never trained get uniform weights
-        ww = w if classnames == task.classnames else torch.full((len(classnames), args.n_prompts),
-                                                                1.0 / args.n_prompts, device=clip.device)
-        text = model.text_features(classnames, everything)
-        return torch.cat([combined_logits(f, text, ww, clip.logit_scale, args.combine) for f in feats.split(1000)])
+    def predict(classnames, feats):
+        text, w = model.text_features(classnames, list(range(len(model.ctx)))), class_weights(model, classnames)
+        return torch.cat([combined_logits(f, text, w, clip.logit_scale, args.combine) for f in feats.split(1000)])
 
     metrics = task.evaluate(predict)
-    threshold = 0.1 / args.n_prompts
-    common.save_prompt(out, task, ctx=model.ctx, raw_weights=model.raw, phi=phi.state_dict(), args=vars(args))
-    common.write_results(out, task, "demul", metrics, {
-        "llm": {"spec": args.llm, "dim": int(targets.shape[1]), "embedded": llm.embedded}, "pretrain": pre, "train": stats,
-        "final_loss_terms": {k: float(v) for k, v in terms.items()},
-        "prompt_weights": {c: [round(float(x), 5) for x in row] for c, row in zip(task.classnames, w)},
-        "weight_sparsity": {"below": threshold, "fraction": float((w < threshold).float().mean())}})
+    w, threshold = prompt_weights(model.raw_weights.detach()), 0.1 / len(model.ctx)
+    if not saved:
+        common.save_prompt(out, task, "demul", model.ctx, raw_weights=model.raw_weights, phi=model.phi.state_dict(),
+                           combine=args.combine)
+    extra.update({"prompt_weights": {c: [round(float(x), 5) for x in row] for c, row in zip(model.classnames, w)},
+                  "weight_sparsity": {"below": threshold, "fraction": float((w < threshold).float().mean())}})
+    common.write_results(out, task, "demul", metrics, extra)
     return metrics
 
 

@@ -105,11 +105,11 @@ class Student(nn.Module):
         self.train_prompts = clip.prompts(train_names, self.ctx.shape[0])  # token ids only: 100k names fit
 
     def text_features(self, rows=None):
-        return self.train_prompts(self.ctx, rows)
+        return self.train_prompts.features(self.ctx, rows)
 
     def logits(self, image_feats, classnames):
         """Inference: the student alone, over all test classes (CoOp_KDPL.model_inference)."""
-        text = self.clip.prompts(classnames, self.ctx.shape[0])(self.ctx)
+        text = self.clip.prompts(classnames, self.ctx.shape[0]).features(self.ctx)
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)
 
 
@@ -149,25 +149,12 @@ def kdpl_loss(student, teacher_text, student_feats, teacher_feats, k):
     return symmetric_kl(student_logits, teacher_logits[:, rows])  # #L114-L123
 
 
-def train(task, student, teacher, teacher_text, k, args, seed):
-    """CoOp's loop over the training set; each row is (student view feature, teacher feature of the SAME view)."""
-    spent = {"student": 0.0, "teacher": 0.0}
-
-    def epoch_data(epoch):  # labels never enter: task.labels is not read anywhere in training
-        before = task.cache.seconds
-        student_feats = task.train_features(epoch)
-        middle = task.cache.seconds
-        teacher_feats = task.train_features(epoch, clip=teacher)  # same cached crops, encoded once per tower
-        spent["student"] += middle - before
-        spent["teacher"] += task.cache.seconds - middle
-        return student_feats, teacher_feats
-
-    start, feature_s = time.perf_counter(), task.cache.seconds
-    stats = common.fit([student.ctx], lambda s, t: kdpl_loss(student, teacher_text, s, t, k), epoch_data,
-                       n=len(task.train), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       precision=task.clip.precision, seed=seed, device=task.clip.device, desc=f"KDPL seed {seed}")
-    task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
-    return stats, spent
+def train(task, student, teacher, teacher_text, k):
+    """CoOp's loop over the training set; each row is (student view feature, teacher feature of the SAME view).
+    Labels never enter: task.labels is not read anywhere in training."""
+    def epoch_data(epoch):  # the same cached crops, encoded once per tower
+        return task.train_features(epoch), task.train_features(epoch, clip=teacher)
+    return task.fit([student.ctx], lambda s, t: kdpl_loss(student, teacher_text, s, t, k), epoch_data, desc="KDPL")
 
 
 def teacher_eval_decision(task, mode):
@@ -208,38 +195,40 @@ def run(args, seed):
             raise common.UserError(f"--k-max {k} exceeds the {len(names)} names of the dictionary; pass "
                                    f"--k-max {len(names)} or a larger --dictionary")
     task = common.prepare(args, seed)
-    student_s = task.cache.seconds
-    teacher = common.load_clip(args.teacher, args.teacher_pretrained, task.clip.device, args.teacher_precision)
-    if not args.class_agnostic:
-        names, template, k = task.classnames, task.dataset.template, len(task.classnames)  # K = all classes
-    start = time.perf_counter()
-    teacher_text = teacher_text_features(teacher, names, template)
-    student = Student(task.clip, names, args.ctx_init)
-    task.times["text_setup_s"] = time.perf_counter() - start
-
-    stats, spent = train(task, student, teacher, teacher_text, k, args, seed)
+    saved = task.load_prompt("kdpl")
+    if saved:  # evaluate the saved student: no teacher needed
+        student, teacher = Student(task.clip, task.classnames, args.ctx_init), None
+        student.ctx = nn.Parameter(saved["ctx"])
+        extra = {"loaded_from": args.load_prompt}
+    else:
+        teacher = common.load_clip(args.teacher, args.teacher_pretrained, task.clip.device, args.teacher_precision)
+        if not args.class_agnostic:
+            names, template, k = task.classnames, task.dataset.template, len(task.classnames)  # K = all classes
+        start = time.perf_counter()
+        teacher_text = teacher_text_features(teacher, names, template)
+        student = Student(task.clip, names, args.ctx_init)
+        task.times["text_setup_s"] = time.perf_counter() - start
+        extra = {"train": train(task, student, teacher, teacher_text, k), "k": k}
     metrics = task.evaluate(lambda classnames, feats: student.logits(feats, classnames))
     if "new" in metrics:
         metrics["base_to_unseen"] = metrics["new"]  # the paper's name for new-class accuracy
-    before = task.cache.seconds
-    ran, note = teacher_eval_decision(task, args.teacher_eval)
-    teacher_metrics = teacher_zero_shot(task, teacher) if ran else None
-    print(f"teacher {teacher.backbone} ({teacher.weights}) zero-shot: " + (", ".join(
-        f"{key} {v:.2f}" for key, v in teacher_metrics.items()) if ran else note))
-    task.times["student_feature_extraction_s"] = student_s + spent["student"]
-    task.times["teacher_feature_extraction_s"] = spent["teacher"] + task.cache.seconds - before
-
+    if teacher is not None:
+        ran, note = teacher_eval_decision(task, args.teacher_eval)
+        teacher_metrics = teacher_zero_shot(task, teacher) if ran else None
+        print(f"teacher {teacher.backbone} ({teacher.weights}) zero-shot: " + (", ".join(
+            f"{key} {v:.2f}" for key, v in teacher_metrics.items()) if ran else note))
+        extra["teacher"] = {"backbone": teacher.backbone, "weights": teacher.weights, "precision": teacher.precision,
+                            "activation": {"name": teacher.activation, "chosen_by": teacher.activation_source},
+                            "train_template": template, "eval_template": task.dataset.template,
+                            "zero_shot": teacher_metrics,
+                            "zero_shot_eval": {"ran": ran, "mode": args.teacher_eval, "note": note}}
     words = common.nearest_words(task.clip, student.ctx.detach())
     print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
-    common.save_prompt(out, task, ctx=student.ctx, ctx_init=args.ctx_init, position="end")
-    extra = {"train": stats, "nearest_words": words, "k": k, "class_agnostic": args.class_agnostic,
-             "teacher": {"backbone": teacher.backbone, "weights": teacher.weights, "precision": teacher.precision,
-                         "activation": {"name": teacher.activation, "chosen_by": teacher.activation_source},
-                         "train_template": template,
-                         "eval_template": task.dataset.template, "zero_shot": teacher_metrics,
-                         "zero_shot_eval": {"ran": ran, "mode": args.teacher_eval, "note": note}},
-             "dictionary": {"source": args.dictionary or "wordnet", "size": len(names)} if args.class_agnostic
-             else None}
+    if not saved:
+        common.save_prompt(out, task, "kdpl", student.ctx, ctx_init=args.ctx_init)
+    extra.update({"nearest_words": words, "class_agnostic": args.class_agnostic,
+                  "dictionary": {"source": args.dictionary or "wordnet", "size": len(names)} if args.class_agnostic
+                  else None})
     common.write_results(out, task, method, metrics, extra)
     return metrics
 

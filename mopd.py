@@ -1,5 +1,5 @@
 """MoPD -- Mixture-of-Prompts Distillation for Vision-Language Models.
-Chen, Fu, Zhang. arXiv 2412.19087 (IEEE TMM 2025). Official code: cheny02/MoPD-TMM (trainers/MoPD.py).
+Chen, Fu, Zhang. arXiv 2412.19087 (IEEE TMM 2025). Official code: github.com/cheny02/MoPD-TMM, pinned below.
 
 A CoOp soft prompt (the student) learns from a pool of H hand-crafted hard prompts (the teachers). A
 gating network picks, per image, the T teachers to distil from:
@@ -9,8 +9,13 @@ gating network picks, per image, the T teachers to distil from:
     L_MPS = 1/B sum_b sum_k pi_bk CE(l^{I_bk}, y_b)           (teacher logits are constants: trains W_g only)
     L     = w CE(l^S, y) + (1 - w) L_MPD + w2 L_MPS
 z is the normalised image feature, s CLIP's logit scale. Inference uses the student prompt only.
-The paper's text was not readable here: its equation numbers are unknown, so each loss line names the
-paper's loss (CE, MPD, MPS) and the official code line instead (research notes: methods.md §4).
+The paper's equation numbers could not be checked, so each loss line names the paper's loss (CE, MPD, MPS)
+and the line of the official code it follows ("MoPD.py l.N"):
+https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/MoPD.py#L186-L216
+    the student and teacher logits, the gate (zero init: L129-L131), top-T, L_MPD
+https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/MoPD.py#L299-L309
+    L_MPS and L = w CE + (1 - w) L_MPD + w2 L_MPS
+https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/mopd_templates.py  the pools;  https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/scripts/run.sh  the settings
 
 Faithful to the official code: student = 4 context tokens from "a photo of a", class token at the end,
 shared; the 12-template pool of each dataset (mopd_templates.py CUSTOM_TEMPLATES) and the LASP / NOISY
@@ -28,7 +33,6 @@ the first N templates, the few-shot protocol reusing the base-to-new table, the 
     python mopd.py --dataset dtd --protocol fewshot --shots 4
 """
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -39,7 +43,7 @@ import data
 
 # (w, w2, top-T, epochs) per dataset: scripts/run.sh of the official code. Its 25-epoch config
 # (vit_b16_ep25_ctxv1) is missing from the repo: reconstructed as the ep100 config with 25 epochs.
-RUN_SH = {"imagenet": (0.8, 0.0005, 3, 25), "caltech101": (0.8, 0.0005, 3, 100), "oxford_pets": (0.8, 0.5, 3, 25),
+OFFICIAL_SETTINGS = {"imagenet": (0.8, 0.0005, 3, 25), "caltech101": (0.8, 0.0005, 3, 100), "oxford_pets": (0.8, 0.5, 3, 25),
           "stanford_cars": (0.8, 0.1, 3, 100), "oxford_flowers": (0.8, 0.1, 3, 100), "food101": (0.5, 0.1, 2, 25),
           "fgvc_aircraft": (0.8, 0.1, 2, 25), "sun397": (0.8, 0.1, 2, 25), "dtd": (0.8, 0.1, 2, 25),
           "eurosat": (0.5, 0.1, 2, 100), "ucf101": (0.5, 0.1, 2, 25)}
@@ -133,7 +137,7 @@ def parse_args(argv=None):
         args.templates = make_pool(args.pool, name)
     except (data.DataError, common.UserError) as err:
         p.error(str(err))
-    official = RUN_SH.get(name)  # few-shot runs reuse the base-to-new table (reconstructed: no official script)
+    official = OFFICIAL_SETTINGS.get(name)  # few-shot runs reuse the base-to-new table (reconstructed: no official script)
     for i, key in enumerate(["w", "w2", "top_t", "epochs"]):
         if getattr(args, key) is None:
             if official is None:
@@ -174,7 +178,7 @@ class MoPD(nn.Module):
 
     def logits(self, image_feats, classnames=None):
         """Student logits l^S (inference uses these only)."""
-        text = self.clip.prompts(classnames or self.classnames, self.n_ctx)(self.ctx)
+        text = self.clip.prompts(classnames or self.classnames, self.n_ctx).features(self.ctx)
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)
 
     def teacher_logits(self, image_feats):
@@ -195,10 +199,10 @@ def select(gate_logits, top_t):
     return v.softmax(dim=1), idx
 
 
-def mopd_loss(student, teacher, gate_logits, labels, top_t, w, w2, tau):
-    """L = w CE + (1 - w) L_MPD + w2 L_MPS. student (B, C), teacher (B, H, C), gate_logits (B, H).
-    Returns the total and its parts."""
-    student, teacher = student.float(), teacher.float()
+def mopd_loss(student_logits, teacher_logits, gate_logits, labels, top_t, w, w2, tau):
+    """L = w CE + (1 - w) L_MPD + w2 L_MPS. student_logits (B, C), teacher_logits (B, H, C), gate_logits
+    (B, H). Returns the total and its parts."""
+    student, teacher = student_logits.float(), teacher_logits.float()
     pi, idx = select(gate_logits.float(), top_t)                                  # (B, T) each
     chosen = teacher[torch.arange(len(idx), device=idx.device)[:, None], idx]     # l^{I_bk}: (B, T, C)
     ce = F.cross_entropy(student, labels)                                         # CE (MoPD.py l.307)
@@ -214,9 +218,18 @@ def mopd_loss(student, teacher, gate_logits, labels, top_t, w, w2, tau):
     return total, {"ce": ce, "mpd": mpd, "mps": mps, "pi": pi, "idx": idx}
 
 
-def model_loss(model, feats, labels, args):
-    return mopd_loss(model.logits(feats), model.teacher_logits(feats), model.gate_logits(feats), labels,
-                     model.top_t, args.w, args.w2, args.tau)
+def model_loss(model, image_feats, labels, w, w2, tau):
+    return mopd_loss(model.logits(image_feats), model.teacher_logits(image_feats), model.gate_logits(image_feats),
+                     labels, model.top_t, w, w2, tau)
+
+
+def saved_model(task, saved, teacher):
+    """The MoPD of a --load-prompt file: its student context and gate (inference uses the student only)."""
+    model = MoPD(task.clip, task.classnames, teacher, saved["top_t"])
+    model.ctx.data.copy_(saved["ctx"])
+    if saved["gate"].shape == model.gate.shape:  # the gate report needs the same pool
+        model.gate.data.copy_(saved["gate"])
+    return model
 
 
 @torch.no_grad()
@@ -231,30 +244,32 @@ def run(args, seed):
     out = common.claim_run_dir(args, "mopd", seed)
     task = common.prepare(args, seed)
     teacher = pool_features(task.clip, args.templates, task.classnames)
-    model = MoPD(task.clip, task.classnames, teacher, args.top_t, args.ctx_init)
-    start, feature_s = time.perf_counter(), task.cache.seconds
-    stats = common.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, args)[0],
-                       lambda epoch: (task.train_features(epoch), task.labels), n=len(task.train),
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=task.clip.precision,
-                       seed=seed, device=task.clip.device, desc=f"MoPD seed {seed}")
-    task.times["training_s"] = time.perf_counter() - start - (task.cache.seconds - feature_s)
-    if stats["steps_per_epoch"] == 1:
-        print(f"note: {len(task.train)} training images at batch {args.batch_size} give 1 step per epoch (the "
-              f"official setting; see KgCoOp issue #2); --batch-size 32 gives more steps", file=sys.stderr)
+    hyper = dict(w=args.w, w2=args.w2, tau=args.tau)
+    saved = task.load_prompt("mopd")
+    if saved:
+        model, extra = saved_model(task, saved, teacher), {"loaded_from": args.load_prompt}
+    else:
+        model = MoPD(task.clip, task.classnames, teacher, args.top_t, args.ctx_init)
+        stats = task.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, **hyper)[0],
+                         desc="MoPD")
+        extra = {"train": stats, "steps_per_epoch": stats["steps_per_epoch"]}
+        if stats["steps_per_epoch"] == 1:
+            print(f"note: {len(task.train)} training images at batch {args.batch_size} give 1 step per epoch (the "
+                  f"official setting; see KgCoOp issue #2); --batch-size 32 gives more steps", file=sys.stderr)
     metrics = task.evaluate(lambda names, feats: model.logits(feats, names))  # student prompt only
     # The gate report and final losses read the training images under the test transform (our choice).
     train_test_view = task.cache.get(task.clip, task.dataset.name, task.train, "test")
     usage = gate_usage(model, train_test_view).tolist()
     with torch.no_grad():
-        _, parts = model_loss(model, train_test_view, task.labels, args)
+        _, parts = model_loss(model, train_test_view, task.labels, **hyper)
     trusted = sorted(zip(usage, args.templates), reverse=True)[:3]
     print("templates the gate trusts most:", "; ".join(f"{u:.2f} {t!r}" for u, t in trusted))
-    common.save_prompt(out, task, ctx=model.ctx, gate=model.gate, templates=args.templates, ctx_init=args.ctx_init,
-                       top_t=args.top_t)
-    extra = {"train": stats, "steps_per_epoch": stats["steps_per_epoch"],
-             "gate_weight_per_template": [{"template": t, "weight": u} for t, u in zip(args.templates, usage)],
-             "final_losses": {k: float(parts[k]) for k in ("ce", "mpd", "mps")},
-             "nearest_words": common.nearest_words(task.clip, model.ctx.detach())}
+    if not saved:
+        common.save_prompt(out, task, "mopd", model.ctx, gate=model.gate, templates=args.templates,
+                           ctx_init=args.ctx_init, top_t=args.top_t)
+    extra.update({"gate_weight_per_template": [{"template": t, "weight": u} for t, u in zip(args.templates, usage)],
+                  "final_losses": {k: float(parts[k]) for k in ("ce", "mpd", "mps")},
+                  "nearest_words": common.nearest_words(task.clip, model.ctx.detach())})
     common.write_results(out, task, "mopd", metrics, extra)
     return metrics
 
