@@ -699,6 +699,19 @@ def harmonic_mean(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+def seconds(fn, device, repeat=3):
+    """Mean wall time of fn() after one warm-up call, synchronised on a CUDA device (benchmark.py)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
 # --------------------------------------------------------------------------------------------------
 # An experiment: data, subsets, towers, cached features
 # --------------------------------------------------------------------------------------------------

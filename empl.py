@@ -150,7 +150,7 @@ class EMPL(nn.Module):
 
     def mean_logits(self, image_feats, classnames):
         """Logits of the learned context itself, without sampling (CoOp's classifier)."""
-        return common.cosine_logits(image_feats, self.prompts(classnames)(self.ctx), self.clip.logit_scale)
+        return common.cosine_logits(image_feats, self.prompts(classnames).features(self.ctx), self.clip.logit_scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def run(args, seed):
             value = loss_fn()
         value.backward()
         model.ctx.grad = None
-    coop_step = common.seconds(lambda: step(lambda: F.cross_entropy(common.cosine_logits(x, observed(model.ctx),
+    coop_step = common.seconds(lambda: step(lambda: F.cross_entropy(common.cosine_logits(x, observed.features(model.ctx),
                                                                                   clip.logit_scale), y)), device)
     empl_step = common.seconds(lambda: step(lambda: loss(x, y, torch.Generator().manual_seed(0),
                                                   torch.Generator(device=device).manual_seed(0))), device)
@@ -281,7 +281,7 @@ def run(args, seed):
     first = next(iter(task.evals.values()))
     diversity = spread(model, first.classnames, task.eval_features(first), max(2, args.samples),
                        torch.Generator(device=device).manual_seed(seed))
-    common.save_prompt(out, task, ctx=model.ctx, n_ctx=len(model.ctx), position=position, csc=False)
+    common.save_prompt(out, task, "empl", model.ctx, position)
     extra = {"train": stats, "metrics_without_sampling": without, "prompt_spread": diversity,
              "sgld": {"steps": args.sgld_steps, "step_size": args.sgld_step_size, "layers": args.sgld_layers,
                       "enters_block": model.layer, "samples_test": args.samples, "chains_per_image_train": 1,

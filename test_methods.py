@@ -1760,7 +1760,7 @@ def test_loss_equals_ce_plus_lambda_times_the_unseen_word_term_by_hand(clip):
     x, y = torch.randn(6, clip.embed_dim, generator=gen(4)), torch.tensor([0, 1, 2, 2, 1, 0])
     loss = empl.empl_loss(model, observed, vocab, x, y, 2, 0.3, gen(9), gen(0))
     words = [WORDS[i] for i in torch.randperm(len(WORDS), generator=gen(9))[:2]]   # U_i, tokenised afresh here
-    text = torch.cat([observed(model.ctx), common.ClassPrompts(clip, words, 4)(model.ctx)])
+    text = torch.cat([observed.features(model.ctx), common.ClassPrompts(clip, words, 4).features(model.ctx)])
     p = common.cosine_logits(x, text, clip.logit_scale).softmax(-1)
     expected = F.nll_loss(p[:, :3].div(p[:, :3].sum(1, keepdim=True)).log(), y) - 0.3 * p[:, :3].sum(1).log().mean()
     assert torch.allclose(loss, expected, atol=1e-5)
