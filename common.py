@@ -2,12 +2,16 @@
 cache, CoOp's training loop, evaluation, the command line and the results files.
 
 Every method file (coop.py, kdpl.py, mopd.py, demul.py, empl.py) imports this module and data.py and
-nothing else of ours. What is here reproduces the official CoOp/Dassl recipe (methods.md §1):
+nothing else of ours. What is here reproduces the official CoOp recipe on Dassl (pinned permalinks):
   * CLIP is frozen and in eval mode; only the method's own parameters train.
   * Transforms: train RandomResizedCrop(224, scale 0.08-1, bicubic) + flip; test resize of the shorter
     side (bicubic) + center crop; CLIP's mean/std.
+    https://github.com/KaiyangZhou/Dassl.pytorch/blob/c61a1b570ac6333bd50fb5ae06aea59002fb20bb/dassl/data/transforms/transforms.py#L206-L340
   * SGD(lr 0.002, momentum 0.9, wd 5e-4), one constant warm-up epoch at 1e-5, then cosine per epoch.
+    https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/configs/trainers/CoOp/vit_b16_ep50.yaml
+    https://github.com/KaiyangZhou/Dassl.pytorch/blob/c61a1b570ac6333bd50fb5ae06aea59002fb20bb/dassl/optim/lr_scheduler.py#L35-L140
   * Batch 32, drop_last only when the set holds at least one batch.
+    https://github.com/KaiyangZhou/Dassl.pytorch/blob/c61a1b570ac6333bd50fb5ae06aea59002fb20bb/dassl/data/data_manager.py#L43
 What differs, and why:
   * The image tower is frozen, so its features are computed once and cached on disk; the augmented
     training views are cached per (image, view index), so a rerun or a second method reuses them.
@@ -144,7 +148,8 @@ class Clip:
     @property
     def tower_id(self):
         """Cache key of the image tower: architecture, weights, activation and input size."""
-        return f"{self.backbone}__{self.weights}__{self.activation}__{self.image_size}".replace("/", "-").replace(":", "-")
+        tower = f"{self.backbone}__{self.weights}__{self.activation}__{self.image_size}"
+        return tower.replace("/", "-").replace(":", "-")
 
 
 OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")  # what marks an OpenAI state dict
@@ -859,8 +864,8 @@ def resolve_device(name):
 # Command line and results
 # --------------------------------------------------------------------------------------------------
 def base_parser(description):
-    """The flags every method shares (DESIGN.md conventions). Defaults here are CoOp's; a method sets
-    its own with parser.set_defaults(...)."""
+    """The flags every method shares. Defaults here are CoOp's; a method sets its own with
+    parser.set_defaults(...)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="eurosat", type=_dataset_name,
                    help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")

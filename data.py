@@ -1,6 +1,10 @@
 """Datasets for CLIP prompt learning, exactly as the CoOp/Dassl code base prepares them.
 
-What this file reproduces (sources: CoOp `datasets/*.py` + DATASETS.md, Dassl `base_dataset.py`):
+What this file reproduces; sources, pinned:
+  https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/DATASETS.md  (layouts)
+  https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/datasets/oxford_pets.py#L123-L170  (read_split, subsample_classes)
+  https://github.com/KaiyangZhou/Dassl.pytorch/blob/c61a1b570ac6333bd50fb5ae06aea59002fb20bb/dassl/data/datasets/base_dataset.py#L167-L210  (generate_fewshot_dataset)
+  https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/zsclip.py#L13-L28  (CUSTOM_TEMPLATES)
 - CoOp's folder layout under one data root, e.g. `<root>/eurosat/2750/...` next to
   `<root>/eurosat/split_zhou_EuroSAT.json`. The split file *is* the ground truth for train/val/test,
   labels and class names (`{"train"|"val"|"test": [[path relative to the image dir, label, name]]}`).
@@ -62,65 +66,75 @@ class Source:
 
 
 DATASETS: dict[str, Source] = {
-    "imagenet": Source("imagenet", "images", "a photo of a {}.", get=(
+    "imagenet": Source(folder="imagenet", images="images", template="a photo of a {}.", get=(
         "download ImageNet-1k from https://image-net.org and put train/ and val/ in this folder, each "
         "with 1000 wnid folders (n01440764, ...; sort val into wnid folders). Optional: CoOp's "
         "classnames.txt (https://drive.google.com/file/d/1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF/view) "
         "in <root>/imagenet/.")),
-    "caltech101": Source("caltech-101", "101_ObjectCategories", "a photo of a {}.", "Caltech101",
-                         "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN",
-                         ("Caltech101", "caltech101/101_ObjectCategories", "caltech-101/101_ObjectCategories"),
-                         "extract 101_ObjectCategories.tar.gz from "
+    "caltech101": Source(folder="caltech-101", images="101_ObjectCategories", template="a photo of a {}.",
+                         split="Caltech101",
+                         split_id="1hyarUivQE36mY6jSomru6Fjd-JzwcCzN",
+                         tv=("Caltech101", "caltech101/101_ObjectCategories", "caltech-101/101_ObjectCategories"),
+                         get="extract 101_ObjectCategories.tar.gz from "
                          "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip here."),
-    "oxford_pets": Source("oxford_pets", "images", "a photo of a {}, a type of pet.", "OxfordPets",
-                          "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs",
-                          ("OxfordIIITPet", "oxford-iiit-pet/images", "oxford_pets/images"),
-                          "extract https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz here."),
-    "stanford_cars": Source("stanford_cars", "", "a photo of a {}.", "StanfordCars",
-                            "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT", None,
-                            "the Stanford URLs are dead: get the images from Kaggle "
+    "oxford_pets": Source(folder="oxford_pets", images="images", template="a photo of a {}, a type of pet.",
+                          split="OxfordPets",
+                          split_id="1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs",
+                          tv=("OxfordIIITPet", "oxford-iiit-pet/images", "oxford_pets/images"),
+                          get="extract https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz here."),
+    "stanford_cars": Source(folder="stanford_cars", images="", template="a photo of a {}.", split="StanfordCars",
+                            split_id="1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT", tv=None,
+                            get="the Stanford URLs are dead: get the images from Kaggle "
                             "(https://www.kaggle.com/datasets/jessicali9530/stanford-cars-dataset), "
                             "flatten them to cars_train/*.jpg and cars_test/*.jpg in this folder, and "
                             "extract the devkit (https://github.com/pytorch/vision/files/11644847/car_devkit.tgz) "
                             "as devkit/ next to them."),
-    "oxford_flowers": Source("oxford_flowers", "jpg", "a photo of a {}, a type of flower.", "OxfordFlowers",
-                             "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT",
-                             ("Flowers102", "flowers-102/jpg", "oxford_flowers/jpg"),
-                             "extract https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz "
+    "oxford_flowers": Source(folder="oxford_flowers", images="jpg", template="a photo of a {}, a type of flower.",
+                             split="OxfordFlowers",
+                             split_id="1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT",
+                             tv=("Flowers102", "flowers-102/jpg", "oxford_flowers/jpg"),
+                             get="extract https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz "
                              "into <root>/oxford_flowers/ (it creates jpg/)."),
-    "food101": Source("food-101", "images", "a photo of {}, a type of food.", "Food101",
-                      "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl", ("Food101", "food-101/images", "food-101/images"),
-                      "extract food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ "
+    "food101": Source(folder="food-101", images="images", template="a photo of {}, a type of food.",
+                      split="Food101",
+                      split_id="1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl",
+                      tv=("Food101", "food-101/images", "food-101/images"),
+                      get="extract food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ "
                       "into <root>/."),
-    "fgvc_aircraft": Source("fgvc_aircraft", "images", "a photo of a {}, a type of aircraft.",
+    "fgvc_aircraft": Source(folder="fgvc_aircraft", images="images", template="a photo of a {}, a type of aircraft.",
                             tv=("FGVCAircraft", "fgvc-aircraft-2013b/data", "fgvc_aircraft"),
                             get="extract https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/"
                                 "fgvc-aircraft-2013b.tar.gz and rename its data/ folder to <root>/fgvc_aircraft/ "
                                 "(images/, variants.txt, images_variant_{train,val,test}.txt)."),
-    "sun397": Source("sun397", "SUN397", "a photo of a {}.", "SUN397", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq",
+    "sun397": Source(folder="sun397", images="SUN397", template="a photo of a {}.",
+                     split="SUN397", split_id="1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq",
                      get="extract http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz into "
                          "<root>/sun397/ (it creates SUN397/; if that URL is dead see torchvision issue #9348)."),
-    "dtd": Source("dtd", "images", "{} texture.", "DescribableTextures", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x",
-                  ("DTD", "dtd/dtd/images", "dtd/images"),
-                  "extract https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz into <root>/."),
-    "eurosat": Source("eurosat", "2750", "a centered satellite photo of {}.", "EuroSAT",
-                      "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o", ("EuroSAT", "eurosat/2750", "eurosat/2750"),
-                      "extract the RGB EuroSAT.zip (https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+    "dtd": Source(folder="dtd", images="images", template="{} texture.",
+                  split="DescribableTextures", split_id="1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x",
+                  tv=("DTD", "dtd/dtd/images", "dtd/images"),
+                  get="extract https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz into <root>/."),
+    "eurosat": Source(folder="eurosat", images="2750", template="a centered satellite photo of {}.",
+                      split="EuroSAT",
+                      split_id="1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o", tv=("EuroSAT", "eurosat/2750", "eurosat/2750"),
+                      get="extract the RGB EuroSAT.zip (https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
                       "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip) into <root>/eurosat/ (creates 2750/)."),
-    "ucf101": Source("ucf101", "UCF-101-midframes", "a photo of a person doing {}.", "UCF101",
-                     "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y",
+    "ucf101": Source(folder="ucf101", images="UCF-101-midframes", template="a photo of a person doing {}.",
+                     split="UCF101",
+                     split_id="1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y",
                      get="extract CoOp's UCF-101-midframes.zip (https://drive.google.com/file/d/"
                          "10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O/view) into <root>/ucf101/."),
-    "imagenetv2": Source("imagenetv2", "imagenetv2-matched-frequency-format-val", "a photo of a {}.", get=(
+    "imagenetv2": Source(folder="imagenetv2", images="imagenetv2-matched-frequency-format-val",
+                         template="a photo of a {}.", get=(
         "extract https://s3-us-west-2.amazonaws.com/imagenetv2public/imagenetv2-matched-frequency.tar.gz "
         "into <root>/imagenetv2/ (folders 0..999).")),
-    "imagenet_sketch": Source("imagenet-sketch", "images", "a photo of a {}.", get=(
+    "imagenet_sketch": Source(folder="imagenet-sketch", images="images", template="a photo of a {}.", get=(
         "get ImageNet-Sketch from https://github.com/HaohanWang/ImageNet-Sketch and put its 1000 wnid "
         "folders in <root>/imagenet-sketch/images/.")),
-    "imagenet_a": Source("imagenet-adversarial", "imagenet-a", "a photo of a {}.", get=(
+    "imagenet_a": Source(folder="imagenet-adversarial", images="imagenet-a", template="a photo of a {}.", get=(
         "extract imagenet-a.tar from https://github.com/hendrycks/natural-adv-examples into "
         "<root>/imagenet-adversarial/.")),
-    "imagenet_r": Source("imagenet-rendition", "imagenet-r", "a photo of a {}.", get=(
+    "imagenet_r": Source(folder="imagenet-rendition", images="imagenet-r", template="a photo of a {}.", get=(
         "extract imagenet-r.tar from https://github.com/hendrycks/imagenet-r into "
         "<root>/imagenet-rendition/.")),
 }

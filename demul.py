@@ -298,7 +298,8 @@ def demul_loss(model, feats, labels, llm_targets, idx, alpha, beta, lam, combine
     t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
     logits = combined_logits(feats, t, prompt_weights(model.raw_weights, idx), model.clip.logit_scale, combine)
     distill, cyc = llm_terms(model, t, llm_targets)
-    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc, "l1": l1_penalty(model.raw_weights, l1)}
+    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc,
+             "l1": l1_penalty(model.raw_weights, l1)}
     return terms["cls"] + alpha * distill + beta * cyc + lam * terms["l1"], terms
 
 
@@ -320,7 +321,9 @@ def run(args, seed):
         model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi,
                       gen=common.generator(seed, "context init"))
         m, gen = args.prompts_per_step or args.n_prompts, common.generator(seed, "prompt sampling")
-        sample = lambda: all_prompts if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
+
+        def sample():  # reconstruction: M' of the M prompts, uniformly without replacement (all when M' = M)
+            return all_prompts if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
         hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
         stats = task.fit([model.ctx, model.raw_weights, *phi.parameters()],
                          lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],

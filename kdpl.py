@@ -68,7 +68,7 @@ def parse_args(argv=None):
                    help="open_clip architecture of the frozen teacher (tiny-wide for smoke runs)")
     p.add_argument("--teacher-pretrained", default="dfn5b",  # kdpl_utils.load_teacher_to_cpu
                    help="teacher weights: open_clip tag, checkpoint file, or none")
-    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"],  # the official teacher: fp32
+    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"],  # as the official teacher
                    help="autocast of the teacher's image and text encoding (the official teacher runs in fp32)")
     p.add_argument("--ctx-init", default="a photo of a",  # CTX_INIT in *_ctxv1.yaml (N_CTX 4)
                    help="words initialising the student's shared context (M = their token count)")

@@ -15,7 +15,10 @@ https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a0
     the student and teacher logits, the gate (zero init: L129-L131), top-T, L_MPD
 https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/MoPD.py#L299-L309
     L_MPS and L = w CE + (1 - w) L_MPD + w2 L_MPS
-https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/mopd_templates.py  the pools;  https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/scripts/run.sh  the settings
+https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/trainers/mopd_templates.py
+    the pools
+https://github.com/cheny02/MoPD-TMM/blob/7cb6843ba44ab99df56f6f70ecc637b034d05a04/scripts/run.sh
+    the per-dataset settings
 
 Faithful to the official code: student = 4 context tokens from "a photo of a", class token at the end,
 shared; the 12-template pool of each dataset (mopd_templates.py CUSTOM_TEMPLATES) and the LASP / NOISY
@@ -43,10 +46,11 @@ import data
 
 # (w, w2, top-T, epochs) per dataset: scripts/run.sh of the official code. Its 25-epoch config
 # (vit_b16_ep25_ctxv1) is missing from the repo: reconstructed as the ep100 config with 25 epochs.
-OFFICIAL_SETTINGS = {"imagenet": (0.8, 0.0005, 3, 25), "caltech101": (0.8, 0.0005, 3, 100), "oxford_pets": (0.8, 0.5, 3, 25),
-          "stanford_cars": (0.8, 0.1, 3, 100), "oxford_flowers": (0.8, 0.1, 3, 100), "food101": (0.5, 0.1, 2, 25),
-          "fgvc_aircraft": (0.8, 0.1, 2, 25), "sun397": (0.8, 0.1, 2, 25), "dtd": (0.8, 0.1, 2, 25),
-          "eurosat": (0.5, 0.1, 2, 100), "ucf101": (0.5, 0.1, 2, 25)}
+OFFICIAL_SETTINGS = {
+    "imagenet": (0.8, 0.0005, 3, 25), "caltech101": (0.8, 0.0005, 3, 100), "oxford_pets": (0.8, 0.5, 3, 25),
+    "stanford_cars": (0.8, 0.1, 3, 100), "oxford_flowers": (0.8, 0.1, 3, 100), "food101": (0.5, 0.1, 2, 25),
+    "fgvc_aircraft": (0.8, 0.1, 2, 25), "sun397": (0.8, 0.1, 2, 25), "dtd": (0.8, 0.1, 2, 25),
+    "eurosat": (0.5, 0.1, 2, 100), "ucf101": (0.5, 0.1, 2, 25)}
 
 # The dataset pools (mopd_templates.py CUSTOM_TEMPLATES): 3 nouns x 4 forms. <n> = "a photo" / "a picture" /
 # "an image", <w> = the bare noun, <v> = classified / categorized / labeled. (3 "of" forms, 9 "as" forms.)
@@ -137,7 +141,7 @@ def parse_args(argv=None):
         args.templates = make_pool(args.pool, name)
     except (data.DataError, common.UserError) as err:
         p.error(str(err))
-    official = OFFICIAL_SETTINGS.get(name)  # few-shot runs reuse the base-to-new table (reconstructed: no official script)
+    official = OFFICIAL_SETTINGS.get(name)  # few-shot reuses the base-to-new table (reconstructed: no official script)
     for i, key in enumerate(["w", "w2", "top_t", "epochs"]):
         if getattr(args, key) is None:
             if official is None:

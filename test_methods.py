@@ -1,5 +1,5 @@
 """Tests: no pretrained weights anywhere. Tiny randomly initialised open_clip models exercise the real
-code paths; learning is proven on planted tasks whose answer is known (DESIGN.md); real EuroSAT images
+code paths; learning is proven on planted tasks whose answer is known; real EuroSAT images
 from ../shared/data are used when present (skipped with a reason otherwise)."""
 import argparse
 import dataclasses
@@ -503,12 +503,24 @@ def test_learning_rate_schedule_equals_coops_per_epoch_values():
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))          # monotone after warm-up, never 0
 
 
-def test_fit_applies_the_schedule_and_reports_steps():
+def test_fit_steps_with_coops_learning_rate_in_every_epoch(monkeypatch):
+    """The learning rate the optimiser holds at each step, against CoOp's values written out."""
+    used, step = [], common.train_step
+    monkeypatch.setattr(common, "train_step", lambda opt, *a: used.append(opt.param_groups[0]["lr"]) or step(opt, *a))
     w = torch.nn.Parameter(torch.zeros(3))
-    x, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
-    stats = common.fit([w], lambda a, b: F.cross_entropy(a * w, b), lambda e: (x, y), n=10, epochs=5)
-    assert stats["lr_per_epoch"] == [common.coop_lr(e, 0.002, 5) for e in range(5)]
-    assert stats["steps_per_epoch"] == 1
+    x, y = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    stats = common.fit([w], lambda a, b: F.cross_entropy(a * w, b), lambda e: (x, y), n=64, epochs=5)
+    expected = [1e-5, 0.002] + [0.001 * (1 + math.cos(math.pi * e / 5)) for e in (1, 2, 3)]
+    assert used == pytest.approx([lr for lr in expected for _ in range(2)])  # 2 steps per epoch
+    assert stats["lr_per_epoch"] == pytest.approx(expected) and stats["steps_per_epoch"] == 2
+
+
+def test_every_epoch_reads_its_own_view_or_cycles_k_views(clip, tmp_path):
+    task = fake_task(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+    fresh = [dataclasses.replace(task, n_views=0).train_features(e) for e in range(3)]  # the official protocol
+    assert all(not torch.allclose(fresh[i], fresh[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    cycled = [dataclasses.replace(task, n_views=2).train_features(e) for e in range(3)]  # --aug-views 2
+    assert torch.equal(cycled[2], cycled[0]) and torch.equal(cycled[0], fresh[0]) and torch.equal(cycled[1], fresh[1])
 
 
 def test_fit_leaves_tensors_listed_in_no_decay_undecayed():
@@ -1966,7 +1978,8 @@ def run_method(name, root, out, cache, *extra, monkeypatch=None):
     METHODS[name].main(argv)
     found = list(Path(out).rglob("results.json"))
     assert len(found) == 1, found
-    return json.loads(found[0].read_text()), torch.load(found[0].parent / "prompt.pt")
+    prompt = found[0].parent / "prompt.pt"
+    return json.loads(found[0].read_text()), torch.load(prompt) if prompt.exists() else None
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -2245,3 +2258,32 @@ def test_the_kdpl_teacher_encodes_in_fp32_while_the_student_uses_autocast(mini_r
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inside the student's autocast
         text = kdpl.teacher_text_features(teacher, EUROSAT_NAMES, "a photo of a {}.")
     assert torch.equal(text, common.encode_texts(teacher, [f"a photo of a {n}." for n in EUROSAT_NAMES]))
+
+
+@pytest.mark.parametrize("name", ["coop", "kdpl", "mopd", "demul"])
+def test_a_saved_prompt_evaluates_to_the_training_runs_numbers(name, mini_root, tmp_path, monkeypatch):
+    trained, saved = run_method(name, mini_root, tmp_path / "train", tmp_path / "cache", monkeypatch=monkeypatch)
+    assert saved["method"] == name and {"ctx", "n_ctx", "position", "classnames", "backbone", "weights"} <= set(saved)
+    prompt = next((tmp_path / "train").rglob("prompt.pt"))
+    loaded, none = run_method(name, mini_root, tmp_path / "eval", tmp_path / "cache", "--load-prompt", str(prompt),
+                              monkeypatch=monkeypatch)
+    assert loaded["metrics"] == trained["metrics"] and "train" not in loaded and none is None
+    assert loaded["loaded_from"] == str(prompt) and "loaded" in next((tmp_path / "eval").rglob("results.json")).parts
+
+
+def test_a_saved_prompt_of_another_model_method_or_class_set_is_refused(mini_root, tmp_path, monkeypatch):
+    run_method("coop", mini_root, tmp_path / "train", tmp_path / "cache", "--csc", monkeypatch=monkeypatch)
+    prompt = next((tmp_path / "train").rglob("prompt.pt"))
+    fewer = torch.load(prompt)
+    fewer.update(classnames=fewer["classnames"][:3], ctx=fewer["ctx"][:3])
+    torch.save(fewer, tmp_path / "three_classes.pt")
+    for module, path, extra, message in [
+            (coop, prompt, ["--backbone", "tiny-wide"], "trained with tiny / random"),
+            (coop, tmp_path / "three_classes.pt", [], "class-specific context for 3 other classes"),
+            (kdpl, prompt, ["--teacher", "tiny-wide", "--teacher-pretrained", "none"], "written by coop, not by kdpl"),
+            (coop, tmp_path / "missing.pt", [], "cannot read it")]:
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--dataset", "eurosat", "--shots", "2", "--epochs", "1", "--backbone", "tiny", "--pretrained",
+                         "none", "--data-root", str(mini_root), "--output", str(tmp_path / "eval"), "--cache-dir",
+                         str(tmp_path / "cache"), "--workers", "0", "--load-prompt", str(path), *extra])
+        assert message in str(exit_.value.code)
