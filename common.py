@@ -863,17 +863,17 @@ def resolve_device(name):
 # --------------------------------------------------------------------------------------------------
 # Command line and results
 # --------------------------------------------------------------------------------------------------
-def base_parser(description):
+def base_parser(description, protocol="fewshot", protocol_help=None):
     """The flags every method shares. Defaults here are CoOp's; a method sets its own with
-    parser.set_defaults(...)."""
+    parser.set_defaults(...), and its default protocol here (None: the method resolves it after parsing)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="eurosat", type=_dataset_name,
                    help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")
     p.add_argument("--shots", type=int, default=16, help="training images per class (1, 2, 4, 8, 16)")
     p.add_argument("--seed", type=int, default=1, help="seed of the few-shot subset and of training")
     p.add_argument("--seeds", type=int, nargs="+", help="run several seeds and report mean ± std (overrides --seed)")
-    p.add_argument("--protocol", default="fewshot", choices=["fewshot", "base2new"],
-                   help="fewshot: all classes; base2new: train on the base half, test on base and new")
+    p.add_argument("--protocol", default=protocol, choices=["fewshot", "base2new"], help=protocol_help or
+                   "fewshot: all classes; base2new: train on the base half, test on base and new")
     p.add_argument("--eval-on", nargs="+", default=[], type=_dataset_name, metavar="DATASET",
                    help="also test the learned prompt on these datasets' test splits with their own classes: "
                         "cross-dataset (e.g. train imagenet, --eval-on caltech101 dtd ...) or domain "

@@ -36,7 +36,6 @@ the offline default is WordNet's ~118k nouns, which differs from the paper's (re
     python kdpl.py --dataset eurosat --class-agnostic [--dictionary classnames_dictionay.csv]
     python kdpl.py --dataset eurosat --protocol fewshot   # all classes: a protocol the paper does not report
 """
-import argparse
 import time
 
 import torch
@@ -54,16 +53,14 @@ TEACHER_EVAL_MAX_IMAGES = 20_000
 
 
 def parse_args(argv=None):
-    p = common.base_parser("KDPL: label-free prompt learning by distillation from a larger CLIP (ECCV 2024).")
+    p = common.base_parser(
+        "KDPL: label-free prompt learning by distillation from a larger CLIP (ECCV 2024).", protocol=None,
+        protocol_help="base2new (default): train on the base half of the classes, test on base and new; the paper "
+        "reports the new-class accuracy (scripts/coop_kdpl/reproduce_base2new_*.sh). fewshot: all classes, the "
+        "default when --eval-on is given (cross-dataset / domain generalisation train on all ImageNet classes, "
+        "reproduce_cross_d_train.sh); on its own a protocol the paper does not report")
     p.set_defaults(backbone="ViT-B-32",  # configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml (also rn50_ctxv1)
                    epochs=50)            # OPTIM.MAX_EPOCH 50 in every CoOp+KDPL config
-    protocol = p._option_string_actions["--protocol"]
-    protocol.default = argparse.SUPPRESS  # resolved after parsing, once --eval-on is known
-    protocol.help = (
-        "base2new (default): train on the base half of the classes, test on base and new; the paper reports the "
-        "new-class accuracy (scripts/coop_kdpl/reproduce_base2new_*.sh). fewshot: all classes, the default when "
-        "--eval-on is given (cross-dataset / domain generalisation train on all ImageNet classes, "
-        "reproduce_cross_d_train.sh); on its own a protocol the paper does not report")
     p.add_argument("--teacher", default="ViT-H-14-quickgelu",  # cfg.TRAINER.KDPL.TEACHER default
                    help="open_clip architecture of the frozen teacher (tiny-wide for smoke runs)")
     p.add_argument("--teacher-pretrained", default="dfn5b",  # kdpl_utils.load_teacher_to_cpu
@@ -84,7 +81,7 @@ def parse_args(argv=None):
                         f"{TEACHER_EVAL_MAX_IMAGES:,} images (not for domain generalisation); results.json records "
                         f"whether it ran and why not")
     args = p.parse_args(argv)
-    if "protocol" not in vars(args):  # the official scripts: base-to-new, or all ImageNet classes for --eval-on
+    if args.protocol is None:  # the official scripts: base-to-new, or all ImageNet classes for --eval-on
         args.protocol = "fewshot" if args.eval_on else "base2new"
     if not args.ctx_init.strip():
         p.error("--ctx-init must hold at least one word (KDPL initialises the context from words)")
