@@ -7,15 +7,19 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * peak memory (CUDA: max allocated; CPU: max resident set size of the process);
   * with --methods, seconds per training epoch and per step of each method's own command line (two
     epochs on the real few-shot images; the test split gets placeholder features so that evaluation
-    does not encode thousands of images: the accuracy of these runs is meaningless by construction).
+    does not encode thousands of images: the accuracy of these runs is meaningless by construction);
+  * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost).
 
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --methods coop mopd kdpl demul empl
+    python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-cost --repeats 2
 """
 import argparse
 import json
 import platform
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +30,7 @@ import torch
 import common
 import coop
 import data
+import empl
 
 
 def padded_to_77(x):
@@ -63,6 +68,99 @@ def method_timings(args, ds, clip, device, root):
     return timings
 
 
+def interleaved(fns, repeats, device):
+    """Median seconds of each fn() after one warm-up call each; the calls are interleaved, so the load of a
+    shared machine drifts alike for all of them."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def empl_cost(args, ds, clip, device):
+    """EMPL's training step and evaluation relative to CoOp's, in the base-to-new setting on the base classes of
+    --dataset: 4 context tokens from "a photo of a", a batch of 32 holding every base class, EMPL's defaults
+    (5 SGLD steps in the top 2 text blocks, 8 unseen words per task, 2 chains per test batch of 100).
+    Two ways: over cached features, and adding the image-tower pass that the official CoOp code pays every
+    step (the 32 training images) and at test (every test image); that pass is timed once on 32 images and
+    added to both sides. CoOp's evaluation is the official one: its C prompts encoded per test batch.
+    Random features and images: speed does not depend on the values."""
+    names, _ = data.subsample_classes(ds, "base", ds.train)
+    C, n_test = len(names), args.empl_test_images
+    vocab = "wordnet" if os.path.isfile(data.WORDNET_NOUNS) else "imagenet"
+    words = common.ClassPrompts(clip, empl.open_vocabulary(vocab, ds.classnames, 1000, seed=1), 4)
+    gen, words_gen, noise_gen = (torch.Generator().manual_seed(0) for _ in range(3))
+    x, y = torch.randn(32, clip.embed_dim, generator=gen).to(device), (torch.arange(32) % C).to(device)
+    test = torch.randn(n_test, clip.embed_dim, generator=gen).to(device)
+    train = torch.randn(16 * C, clip.embed_dim, generator=gen).to(device)   # 16 shots, for --test-condition train
+    images = torch.randn(32, 3, clip.image_size, clip.image_size, generator=gen).to(device)
+    start = common.words_to_embeddings(clip, "a photo of a")
+    coop_model = coop.CoOp(clip, names, 4, "a photo of a")
+    models = {chain: empl.EMPL(clip, start, "end", 2, 5, 1e-3, chain) for chain in ("task", "image")}
+
+    def train_step(params, loss_fn):
+        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9)
+        def step():
+            with common.autocast(device, args.precision):
+                loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def empl_step(chain):
+        m = models[chain]
+        loss = lambda: empl.empl_loss(m, m.prompts(names), words, x, y, 8, 0.1, words_gen, noise_gen)
+        return train_step([m.ctx], loss)
+
+    @torch.no_grad()
+    def coop_eval():  # the official evaluation: every test batch encodes the C prompts again
+        for batch in test.split(100):
+            with common.autocast(device, args.precision):
+                coop_model.logits(batch).float()
+
+    stats = {}
+    def empl_eval(chain, condition=None):
+        def run():
+            with torch.no_grad(), common.autocast(device, args.precision):
+                empl.predict(models[chain], names, test, 2, noise_gen, 100, condition, stats.setdefault(
+                    (chain, condition is not None), {}))
+        return run
+
+    with torch.no_grad(), common.autocast(device, args.precision):
+        image_pass = interleaved({"image_pass_32": lambda: clip.model.encode_image(images)}, args.repeats, device)
+    steps = interleaved({"coop": train_step([coop_model.ctx], lambda: coop.coop_loss(coop_model, x, y)),
+                         "empl_task": empl_step("task"), "empl_image": empl_step("image")}, args.repeats, device)
+    evals = interleaved({"coop": coop_eval, "empl_task": empl_eval("task"),
+                         "empl_task_train_condition": empl_eval("task", train),
+                         "empl_image": empl_eval("image")}, args.repeats, device)
+    img32, img_test = image_pass["image_pass_32"], image_pass["image_pass_32"] * n_test / 32
+    batches = -(-n_test // 100)
+    prompts = {"coop": C * batches, **{f"empl_{chain}" + ("_train_condition" if cond else ""): v["prompts_sampled"]
+                                       for (chain, cond), v in stats.items()}}
+    return {
+        "setting": {"base_classes": C, "batch": 32, "unseen_words": 8, "sgld_steps": 5, "sgld_layers": 2,
+                    "test_chains": 2, "test_batch": 100, "test_images": n_test, "repeats": args.repeats,
+                    "features_and_images": "random"},
+        "image_pass_32_s": img32, "train_step_s": steps, "eval_s": evals,
+        "train_step_ratio_cached": {k: v / steps["coop"] for k, v in steps.items() if k != "coop"},
+        "train_step_ratio_with_image_pass": {k: (v + img32) / (steps["coop"] + img32)
+                                             for k, v in steps.items() if k != "coop"},
+        "eval_ratio_cached": {k: v / evals["coop"] for k, v in evals.items() if k != "coop"},
+        "eval_ratio_with_image_pass": {k: (v + img_test) / (evals["coop"] + img_test)
+                                       for k, v in evals.items() if k != "coop"},
+        "prompts_encoded_at_test": prompts, "test_batches": batches,
+        "prompts_at_test_vs_coop": {k: v / prompts["coop"] for k, v in prompts.items() if k != "coop"}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
@@ -76,6 +174,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", default="runs/benchmark")
     p.add_argument("--methods", nargs="*", default=[], help="also time these methods' training (coop mopd ...)")
+    p.add_argument("--empl-cost", action="store_true", help="only EMPL's step and evaluation cost relative to CoOp's")
+    p.add_argument("--empl-test-images", type=int, default=200, help="test images of --empl-cost's evaluation")
     args = p.parse_args()
     device = common.resolve_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
@@ -84,6 +184,13 @@ def main():
               "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": common.versions()}
+    if args.empl_cost:
+        result["empl_cost"] = empl_cost(args, ds, clip, device)
+        out = Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["empl_cost"], indent=1))
+        return
 
     # image tower: a fresh cache so every image is really encoded
     cache = common.FeatureCache(Path(args.output) / "tmp" / str(time.time_ns()), workers=args.workers)

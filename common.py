@@ -248,7 +248,9 @@ def _from_file(backbone, path, quick_gelu):
     openai = fmt != "open_clip"
     model = _build(backbone, quick_gelu or openai)  # OpenAI's weights need QuickGELU, whatever the name says
     try:  # open_clip's loader reads all three formats (TorchScript only without weights_only)
-        keys = open_clip.load_checkpoint(model, path, strict=False, weights_only=fmt != "torchscript")
+        with warnings.catch_warnings():  # torch's notes on TorchScript archives: this is the file the user has
+            warnings.filterwarnings("ignore", message=".*TorchScript|.*torch.jit")
+            keys = open_clip.load_checkpoint(model, path, strict=False, weights_only=fmt != "torchscript")
     except Exception as err:  # shape mismatch (another architecture), broken archive
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(_not_a_checkpoint(path, reason, backbone)) from None
