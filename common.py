@@ -160,7 +160,7 @@ def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=F
 
     pretrained: an open_clip tag ("openai", "dfn5b", ...), a local checkpoint file, or "none" (random
     initialisation, seeded so that the same random model -- and its feature cache -- comes back).
-    Checkpoint files (`checkpoint_format`): OpenAI's release files (TorchScript archives such as
+    Checkpoint files (`read_checkpoint`): OpenAI's release files (TorchScript archives such as
     ~/.cache/clip/ViT-B-16.pt), OpenAI-format state dicts (the same keys plus three ints) and open_clip
     checkpoints (.bin/.pt/.safetensors). OpenAI's weights were trained with QuickGELU, so a file that is
     recognisably OpenAI's is built with it whatever the backbone is called; an open_clip file does not say,
@@ -217,23 +217,34 @@ def _build(backbone, quick_gelu):
     return open_clip.create_model(backbone, pretrained=None, force_quick_gelu=quick_gelu)
 
 
-def checkpoint_format(path):
-    """"torchscript" (OpenAI's release files), "openai" (an OpenAI-format state dict: it carries the ints
-    input_resolution, context_length and vocab_size) or "open_clip" (any other state dict)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
-                return "torchscript"
-    if str(path).endswith(".safetensors"):
-        return "open_clip"
-    try:  # mmap: only the keys are read, not the weights
+def read_checkpoint(path):
+    """(format, state dict) of a checkpoint file. format: "torchscript" (OpenAI's release files), "openai" (an
+    OpenAI-format state dict: it carries the ints input_resolution, context_length and vocab_size) or
+    "open_clip" (any other state dict, .safetensors included). torch.save files are memory-mapped, so loading
+    never holds a second in-memory copy of the weights (the model takes the mapped tensors)."""
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():  # torch's deprecation note: this is the file the user has
+                warnings.simplefilter("ignore", FutureWarning)
+                return "torchscript", torch.jit.load(path, map_location="cpu").state_dict()
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return "open_clip", load_file(path)
         state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as err:  # truncated, text, pickle of something else: all the same to the user
-        raise UserError(_not_a_checkpoint(path, err)) from None
+    except Exception as err:  # truncated, text, a pickle of something else: all the same to the user
+        raise UserError(_not_a_checkpoint(path, str(err).strip().splitlines()[0][:200] or type(err).__name__)) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(_not_a_checkpoint(path, f"it holds a {type(state).__name__}, not a state dict"))
-    return "openai" if all(key in state for key in OPENAI_INT_KEYS) else "open_clip"
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    return ("openai" if all(key in state for key in OPENAI_INT_KEYS) else "open_clip"), state
+
+
+def _is_torchscript(path):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _not_a_checkpoint(path, reason, backbone=None):
@@ -244,23 +255,20 @@ def _not_a_checkpoint(path, reason, backbone=None):
 
 
 def _from_file(backbone, path, quick_gelu):
-    fmt = checkpoint_format(path)
-    openai = fmt != "open_clip"
-    model = _build(backbone, quick_gelu or openai)  # OpenAI's weights need QuickGELU, whatever the name says
-    try:  # open_clip's loader reads all three formats (TorchScript only without weights_only)
-        with warnings.catch_warnings():  # torch's notes on TorchScript archives: this is the file the user has
-            warnings.filterwarnings("ignore", message=".*TorchScript|.*torch.jit")
-            keys = open_clip.load_checkpoint(model, path, strict=False, weights_only=fmt != "torchscript")
-    except Exception as err:  # shape mismatch (another architecture), broken archive
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UserError(_not_a_checkpoint(path, reason, backbone)) from None
+    fmt, state = read_checkpoint(path)
+    model = _build(backbone, quick_gelu or fmt != "open_clip")  # OpenAI's weights need QuickGELU, whatever the name
+    state = {k: v for k, v in state.items() if k not in OPENAI_INT_KEYS}
+    try:  # assign: the model takes the file's tensors instead of copying them (one copy of the weights in memory)
+        keys = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shapes of another architecture
+        raise UserError(_not_a_checkpoint(path, str(err).strip().splitlines()[-1].strip()[:300], backbone)) from None
     buffers = {name for name, _ in model.named_buffers()}  # a traced archive also stores the causal mask
-    unexpected = set(keys.unexpected_keys) - set(OPENAI_INT_KEYS) - buffers
+    unexpected = set(keys.unexpected_keys) - buffers
     if keys.missing_keys or unexpected:
         found = sorted(keys.missing_keys)[:3] + sorted(unexpected)[:3]
         raise UserError(_not_a_checkpoint(path, f"its keys do not match: {', '.join(found)} ...", backbone))
-    return model, {"torchscript": "OpenAI TorchScript archive", "openai": "OpenAI-format state dict",
-                   "open_clip": "open_clip checkpoint file"}[fmt]
+    return model.float(), {"torchscript": "OpenAI TorchScript archive", "openai": "OpenAI-format state dict",
+                           "open_clip": "open_clip checkpoint file"}[fmt]  # OpenAI's files hold fp16 weights
 
 
 def _from_tag(backbone, pretrained, quick_gelu):
