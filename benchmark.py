@@ -8,11 +8,17 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * with --methods, seconds per training epoch and per step of each method's own command line (two
     epochs on the real few-shot images; the test split gets placeholder features so that evaluation
     does not encode thousands of images: the accuracy of these runs is meaningless by construction);
-  * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost).
+  * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost);
+  * with --memory, only memory: the peak resident memory of a cold and a warm coop.py run loading the
+    backbone from a weights file, and of each phase of such a run (see memory);
+  * with --grid, only the image-tower work of a small paper grid: passes made against the official code's
+    (see grid).
 
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --methods coop mopd kdpl demul empl
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-cost --repeats 2
+    python benchmark.py --backbone ViT-B-32 --data-root ../shared/data --memory --images 1000
+    python benchmark.py --backbone tiny --data-root ../shared/data --grid
 """
 import argparse
 import json
@@ -42,6 +48,141 @@ def padded_to_77(x):
 # the OpenAI embedder would measure something else); the rest are each method's defaults.
 METHOD_FLAGS = {"kdpl": ["--teacher", "{backbone}", "--teacher-pretrained", "none"],
                 "demul": ["--llm", "minilm", "--pretrain-names", "1000"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: peak resident set size of whole runs and of each phase of a run
+# --------------------------------------------------------------------------------------------------
+def rss_mb():
+    """(current, peak since the last reset_peak) resident memory of this process, MB (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+
+
+def random_weights_file(backbone, root):
+    """A checkpoint file of random weights, so that runs load from a file as offline users do."""
+    path = root / f"{backbone}_random_weights.bin"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(common.load_clip(backbone, "none").model.state_dict(), path)
+    return path
+
+
+def subset_root(args, root):
+    """A data root whose split file keeps the first --images test images of --dataset (images linked, not
+    copied): memory does not grow with the number of test images, the run time does."""
+    src = data.DATASETS[data.canonical_name(args.dataset)]
+    if not args.images or not src.split:
+        return args.data_root
+    split_file = Path(data._split_file(data.canonical_name(args.dataset), os.path.abspath(args.data_root), False))
+    split = json.loads(split_file.read_text())
+    split["test"] = split["test"][:args.images]
+    (root / src.folder).mkdir(parents=True, exist_ok=True)
+    link = root / src.folder / src.images
+    if not link.exists():
+        link.symlink_to(Path(args.data_root).resolve() / src.folder / src.images)
+    (root / src.folder / split_file.name).write_text(json.dumps(split))
+    return str(root)
+
+
+def coop_argv(args, weights, data_root, cache, out):
+    return ["--dataset", args.dataset, "--shots", str(args.shots), "--epochs", "3", "--backbone", args.backbone,
+            "--pretrained", str(weights), "--data-root", data_root, "--no-download", "--cache-dir", str(cache),
+            "--output", str(out), "--workers", str(args.workers), "--device", "cpu"]
+
+
+def memory(args, root):
+    """Peak resident memory (CPU) of coop.py loading --backbone from a weights file, --shots 16, 3 epochs, a
+    fresh view every epoch: a cold run (empty cache) and a warm one (all features cached), each a process of
+    its own, and the phases of a cold run (a fresh interpreter, the peak reset before each phase)."""
+    weights, data_root = random_weights_file(args.backbone, root), subset_root(args, root / "data")
+    runs = {}
+    for label in ("cold", "warm"):
+        proc = subprocess.Popen([sys.executable, "coop.py", *coop_argv(args, weights, data_root, root / "cache",
+                                                                         root / f"runs_{label}")],
+                                cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start = time.perf_counter()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
+        runs[label] = {"peak_mb": usage.ru_maxrss // 1024, "seconds": time.perf_counter() - start,
+                       "exit": os.waitstatus_to_exitcode(status)}
+    phases = subprocess.run([sys.executable, __file__, "--memory-phases", "--backbone", args.backbone, "--dataset",
+                             args.dataset, "--shots", str(args.shots), "--data-root", data_root, "--workers",
+                             str(args.workers), "--output", str(root / "phases")],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    return {"runs": runs, "phases": json.loads(phases.stdout.strip().splitlines()[-1]) if phases.returncode == 0
+            else phases.stderr.strip().splitlines()[-3:], "test_images": args.images or "all",
+            "weights_file_mb": weights.stat().st_size // 2**20}
+
+
+def memory_phases(args):
+    """Run in a fresh interpreter by memory(): the peak of each phase of a cold coop.py run, in order."""
+    root = Path(args.output)
+    weights = random_weights_file(args.backbone, root)
+    now, _ = rss_mb()
+    phases = {"imports (torch, torchvision, open_clip)": {"peak_mb": now, "after_mb": now}}
+
+    def phase(name, fn):
+        reset_peak()
+        value = fn()
+        after, peak = rss_mb()
+        phases[name] = {"peak_mb": peak, "after_mb": after}
+        return value
+    run_args = coop.parse_args(coop_argv(args, weights, args.data_root, root / "cache", root / "runs"))
+    task = phase("load CLIP from the weights file, data", lambda: common.prepare(run_args, 1))
+    phase("test features (cold)", lambda: [task.eval_features(ev) for ev in task.evals.values()])
+    model = coop.CoOp(task.clip, task.classnames, 16)
+    phase("training, 3 epochs (3 fresh views, cold)", lambda: task.fit([model.ctx], lambda f, y: coop.coop_loss(
+        model, f, y)))
+    phase("evaluation", lambda: task.evaluate(lambda names, feats: model.logits(feats, names)))
+    print(json.dumps(phases))
+
+
+# --------------------------------------------------------------------------------------------------
+# A paper grid: image-tower passes made against the official code's
+# --------------------------------------------------------------------------------------------------
+GRID = {"methods": ["coop", "kdpl", "mopd", "demul", "empl"], "shots": [1, 16], "seeds": [1, 2]}
+
+
+def grid(args, root):
+    """Image-tower passes of a small paper grid on --dataset: methods x shots x seeds of GRID, --grid-epochs
+    epochs with a fresh view every epoch (the official protocol), each method's default protocol, all runs
+    sharing one feature cache, a (shots, seed)'s methods one after the other. The official code passes every
+    training image through the tower in every epoch of every run (KDPL: through both towers) and the test
+    set once per run. The target here: one pass per distinct (tower, image, view) and one test pass per
+    (tower, dataset). KDPL's teacher is another random tower (tiny-wide, or ViT-B-16) with --teacher-eval off,
+    as the official code never scores the teacher; DeMul uses --llm minilm."""
+    ds = data.load_dataset(args.dataset, args.data_root, download=False)
+    teacher = "tiny-wide" if args.backbone == "tiny" else "ViT-B-16"
+    flags = {"kdpl": ["--teacher", teacher, "--teacher-pretrained", "none", "--teacher-eval", "off"],
+             "demul": ["--llm", "minilm", "--pretrain-names", "1000"]}
+    runs, pairs, start = [], set(), time.perf_counter()
+    for shots in GRID["shots"]:
+        for seed in GRID["seeds"]:
+            for method in GRID["methods"]:
+                out = root / "runs" / f"{method}_{shots}_{seed}"
+                cmd = [sys.executable, f"{method}.py", "--dataset", ds.name, "--shots", str(shots), "--seed", str(seed),
+                       "--epochs", str(args.grid_epochs), "--backbone", args.backbone, "--pretrained", "none",
+                       "--data-root", args.data_root, "--no-download", "--cache-dir", str(root / "cache"), "--output",
+                       str(out), "--workers", str(args.workers), "--device", "cpu", *flags.get(method, [])]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                res = json.loads(next(out.rglob("results.json")).read_text())
+                towers = [args.backbone, teacher] if method == "kdpl" else [args.backbone]
+                pairs |= {(t, rel, view) for t in towers for rel in res["train_images"]
+                          for view in range(args.grid_epochs)}
+                runs.append({"method": method, "shots": shots, "seed": seed, "encoded": res["times"]["images_encoded"],
+                             "official": args.grid_epochs * len(res["train_images"]) * len(towers) + len(ds.test)})
+    ours, official = sum(r["encoded"] for r in runs), sum(r["official"] for r in runs)
+    target = len(pairs) + len(ds.test)  # the test set once through the student tower (the teacher never scores it)
+    return {"grid": dict(GRID, epochs=args.grid_epochs, runs=len(runs), backbone=args.backbone, teacher=teacher),
+            "image_passes": {"ours": ours, "official": official, "target": target, "ours_vs_official": ours / official},
+            "wall_s": time.perf_counter() - start, "per_run": runs}
 
 
 def method_timings(args, ds, clip, device, root):
@@ -176,7 +317,22 @@ def main():
     p.add_argument("--methods", nargs="*", default=[], help="also time these methods' training (coop mopd ...)")
     p.add_argument("--empl-cost", action="store_true", help="only EMPL's step and evaluation cost relative to CoOp's")
     p.add_argument("--empl-test-images", type=int, default=200, help="test images of --empl-cost's evaluation")
+    p.add_argument("--memory", action="store_true", help="only memory: cold and warm coop.py runs and their phases "
+                                                         "(--images N keeps N test images; 0 = all)")
+    p.add_argument("--memory-phases", action="store_true", help=argparse.SUPPRESS)  # memory()'s fresh interpreter
+    p.add_argument("--grid", action="store_true", help="only the image-tower passes of a small paper grid")
+    p.add_argument("--grid-epochs", type=int, default=2, help="epochs of every run of --grid")
     args = p.parse_args()
+    if args.memory_phases:
+        return memory_phases(args)
+    if args.memory or args.grid:
+        root = Path(args.output) / "tmp" / str(time.time_ns())
+        result = memory(args, root) if args.memory else grid(args, root)
+        name = f"{'memory' if args.memory else 'grid'}_{args.backbone}_{args.dataset}.json"
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / name).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     device = common.resolve_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
     clip = common.load_clip(args.backbone, "none", device, args.precision)

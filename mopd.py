@@ -29,7 +29,8 @@ Differences: the gate width is CLIP's embedding width (the code hard-codes 512: 
 teacher features come from the same frozen CLIP (the code loads a second copy of the same weights);
 AMP with fp32 weights instead of fp16 CLIP. Reconstructed (one line each where used): the 25-epoch
 config missing from the repo, --pool noisy as the dataset pool + the noisy templates, --pool-size as
-the first N templates, the few-shot protocol reusing the base-to-new table, the gate report's features.
+the first N templates, the few-shot protocol reusing the base-to-new table; the gate report reads the
+last epoch's training view.
 
     python mopd.py --dataset eurosat                       # base-to-new, 16 shots, EuroSAT's official settings
     python mopd.py --dataset eurosat --pool noisy          # 12 good + 12 nonsense teachers
@@ -228,11 +229,9 @@ def model_loss(model, image_feats, labels, w, w2, tau):
 
 
 def saved_model(task, saved, teacher):
-    """The MoPD of a --load-prompt file: its student context and gate (inference uses the student only)."""
+    """The MoPD of a --load-prompt file: its student context (inference uses the student only)."""
     model = MoPD(task.clip, task.classnames, teacher, saved["top_t"])
-    model.ctx.data.copy_(saved["ctx"])
-    if saved["gate"].shape == model.gate.shape:  # the gate report needs the same pool
-        model.gate.data.copy_(saved["gate"])
+    model.ctx, model.n_ctx = nn.Parameter(saved["ctx"]), saved["n_ctx"]
     return model
 
 
@@ -242,6 +241,17 @@ def gate_usage(model, image_feats):
     pi, idx = select(model.gate_logits(image_feats), model.top_t)
     full = torch.zeros(len(pi), model.teacher.shape[0], device=pi.device).scatter(1, idx, pi)
     return full.mean(0)
+
+
+def gate_report(model, image_feats, labels, templates, hyper):
+    """Which teachers the gate trusts and the final loss terms, on the last epoch's (cached) training view."""
+    usage = gate_usage(model, image_feats).tolist()
+    with torch.no_grad():
+        _, parts = model_loss(model, image_feats, labels, **hyper)
+    trusted = sorted(zip(usage, templates), reverse=True)[:3]
+    print("templates the gate trusts most:", "; ".join(f"{u:.2f} {t!r}" for u, t in trusted))
+    return {"gate_weight_per_template": [{"template": t, "weight": u} for t, u in zip(templates, usage)],
+            "final_losses": {k: float(parts[k]) for k in ("ce", "mpd", "mps")}}
 
 
 def run(args, seed):
@@ -261,19 +271,11 @@ def run(args, seed):
             print(f"note: {len(task.train)} training images at batch {args.batch_size} give 1 step per epoch (the "
                   f"official setting; see KgCoOp issue #2); --batch-size 32 gives more steps", file=sys.stderr)
     metrics = task.evaluate(lambda names, feats: model.logits(feats, names))  # student prompt only
-    # The gate report and final losses read the training images under the test transform (our choice).
-    train_test_view = task.cache.get(task.clip, task.dataset.name, task.train, "test")
-    usage = gate_usage(model, train_test_view).tolist()
-    with torch.no_grad():
-        _, parts = model_loss(model, train_test_view, task.labels, **hyper)
-    trusted = sorted(zip(usage, args.templates), reverse=True)[:3]
-    print("templates the gate trusts most:", "; ".join(f"{u:.2f} {t!r}" for u, t in trusted))
+    extra["nearest_words"] = common.nearest_words(task.clip, model.ctx.detach())
     if not saved:
         common.save_prompt(out, task, "mopd", model.ctx, gate=model.gate, templates=args.templates,
                            ctx_init=args.ctx_init, top_t=args.top_t)
-    extra.update({"gate_weight_per_template": [{"template": t, "weight": u} for t, u in zip(args.templates, usage)],
-                  "final_losses": {k: float(parts[k]) for k in ("ce", "mpd", "mps")},
-                  "nearest_words": common.nearest_words(task.clip, model.ctx.detach())})
+        extra.update(gate_report(model, task.train_features(args.epochs - 1), task.labels, args.templates, hyper))
     common.write_results(out, task, "mopd", metrics, extra)
     return metrics
 
