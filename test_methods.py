@@ -2,6 +2,7 @@
 code paths; learning is proven on planted tasks whose answer is known; real EuroSAT images
 from ../shared/data are used when present (skipped with a reason otherwise)."""
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -10,6 +11,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,7 @@ import demul
 import empl
 import kdpl
 import mopd
+import sweep
 from data import DataError, Dataset, Item
 
 
@@ -749,7 +752,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, shared_cache, args, message)
 
 
 # --------------------------------------------------------------------------------------------------
-# Summaries and sweeps
+# Summaries and sweeps (sweep.py)
 # --------------------------------------------------------------------------------------------------
 def write_fake_result(root, method, protocol, shots, seed, metrics, weights="openai", dataset="eurosat"):
     out = root / method / dataset / protocol / f"shots_{shots}" / f"seed_{seed}"
@@ -768,7 +771,7 @@ def test_summarize_tables_means_stds_h_of_averages_and_plot(tmp_path):
         write_fake_result(tmp_path, "coop", "base2new", 16, seed, {"base": b, "new": n,
                                                                    "H": common.harmonic_mean(b, n)})
     write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 12.0}, weights="random", dataset="dtd")
-    text = common.summarize(tmp_path)
+    text = sweep.summarize(tmp_path)
     std = torch.tensor([50.0, 60.0, 70.0]).std(unbiased=False).item()
     assert f"| coop | 60.00 ± {std:.2f} (3) | 80.00 ± {std:.2f} (3) |" in text
     assert "| zsclip | 40.00 ± 0.00 (3) | — |" in text
@@ -776,6 +779,7 @@ def test_summarize_tables_means_stds_h_of_averages_and_plot(tmp_path):
     # H from the averaged base (80) and new (60): 68.57, not the mean of the per-seed H (54.38)
     assert "| coop | 16 | 80.00 ± 10.00 (2) | 60.00 ± 20.00 (2) | 68.57 |" in text
     assert "dtd · fewshot · ViT-B-16 · RANDOM weights (meaningless)" in text
+    assert "average over" not in text  # two datasets are not the papers' eleven
     pngs = sorted(tmp_path.glob("curve_*.png"))
     assert len(pngs) == 2 and any("RANDOM" in p.name for p in pngs)
     with Image.open(pngs[0]) as im:
@@ -783,33 +787,199 @@ def test_summarize_tables_means_stds_h_of_averages_and_plot(tmp_path):
     assert (tmp_path / "summary.md").read_text() == text
 
 
+def test_summarize_averages_the_eleven_datasets_only_where_all_are_present(tmp_path):
+    for i, dataset in enumerate(sweep.ELEVEN):
+        for seed in (1, 2):  # per dataset: base 60 + i, new 40 + 2i (+- 5 over the seeds)
+            b, n = 60.0 + i + (5 if seed == 1 else -5), 40.0 + 2 * i
+            write_fake_result(tmp_path, "coop", "base2new", 16, seed, {"base": b, "new": n,
+                                                                       "H": common.harmonic_mean(b, n)}, dataset=dataset)
+            write_fake_result(tmp_path, "coop", "fewshot", 1, seed, {"accuracy": 50.0 + i}, dataset=dataset)
+        if dataset != "imagenet":  # MoPD lacks one dataset: no average row for it
+            write_fake_result(tmp_path, "mopd", "base2new", 16, 1, {"base": 99.0, "new": 99.0, "H": 99.0},
+                              dataset=dataset)
+    text = sweep.summarize(tmp_path)
+    b2n = text[text.index("### average over the 11 datasets · base2new"):]
+    b2n = b2n[:b2n.index("\n###")] if "\n###" in b2n else b2n
+    base, new = 60.0 + 5, 40.0 + 10  # means of 60 + i and 40 + 2i over i = 0..10
+    assert f"| coop | 16 | {base:.2f} | {new:.2f} | {common.harmonic_mean(base, new):.2f} |" in b2n
+    assert "mopd" not in b2n
+    assert "| coop | 55.00 |" in text  # the few-shot average: mean of 50 + i
+    assert (tmp_path / "curve_average_over_the_11_datasets___fewshot___ViT_B_16___openai.png").is_file()
+
+
 def test_summarize_an_empty_directory_says_so(tmp_path):
-    with pytest.raises(common.UserError, match="no results.json"):
-        common.summarize(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["summarize", str(tmp_path)])
+    assert str(exit_.value.code).startswith(f"error: no results.json under {tmp_path}")
 
 
-@needs_eurosat
-def test_sweep_skips_finished_runs_and_resumes(tmp_path, shared_cache):
-    runs = tmp_path / "runs"
-    write_fake_result(runs, "zsclip", "fewshot", 1, 1, {"accuracy": 1.0}, weights="random")  # finished earlier
-    extra = ["--backbone", "tiny", "--pretrained", "none", "--data-root", str(SHARED_DATA), "--no-download",
-             "--cache-dir", shared_cache]
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+SWEEP_GRID = ["--methods", "zsclip", "coop", "--shots", "1", "--seeds", "1", "2", "--protocol", "base2new"]
+
+
+def sweep_run_flags(root, cache):
+    return ["--", "--backbone", "tiny", "--pretrained", "none", "--data-root", str(root), "--no-download",
+            "--cache-dir", str(cache), "--workers", "0", "--epochs", "1"]
+
+
+def finished(runs):
+    """{run folder relative to runs: results.json} of every finished run."""
+    return {str(p.parent.relative_to(runs)): json.loads(p.read_text()) for p in runs.rglob("results.json")}
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(mini_root, tmp_path_factory):
+    """A local sweep (zero-shot pass, then CoOp for seeds 1 and 2) killed together with the run it has just
+    started once the zero-shot run is done, as SLURM kills a job; then the same command again, to the end."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    runs = tmp / "runs"
+    argv = ["run", *SWEEP_GRID, "--output", str(runs), *sweep_run_flags(mini_root, tmp / "cache")]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    give_up = time.monotonic() + 900  # a safety net against a hung run, not a time limit under test
     try:
-        first = common.sweep(["zsclip"], "eurosat", [1], [1, 2], output=str(runs), extra=extra)
-        second = common.sweep(["zsclip"], "eurosat", [1], [1, 2], output=str(runs), extra=extra)
+        while not (runs / "logs" / "coop").is_dir() and proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)  # until CoOp's first run has started
     finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
-    assert [r[3] for r in first] == ["skipped (results exist)", "ok"]
-    assert [r[3] for r in second] == ["skipped (results exist)"] * 2
-    seed2 = json.loads((runs / "zsclip/eurosat/fewshot/shots_1/seed_2/results.json").read_text())
-    assert seed2["seed"] == 2 and seed2["weights"] == "random"
-    assert json.loads((runs / "zsclip/eurosat/fewshot/shots_1/seed_1/results.json").read_text())["metrics"] == \
-        {"accuracy": 1.0}  # the finished run was not redone
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its current run, wherever they are
+        proc.wait()
+    at_kill = {rel: (runs / rel / "results.json").read_bytes() for rel in finished(runs)}
+    # a leftover of a write that never completed must not count as a result nor stop the run
+    leftover = runs / "coop/eurosat/base2new/shots_1/seed_2/results.json.tmp99999"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_text('{"metrics": ')
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("OMP_NUM_THREADS", "1")
+        sweep.main(argv)
+    return runs, at_kill, out.getvalue()
+
+
+def test_an_interrupted_sweep_reruns_only_the_missing_runs(interrupted_sweep):
+    runs, at_kill, out = interrupted_sweep
+    assert list(at_kill) == ["zsclip/eurosat/base2new/shots_1/seed_1"]
+    statuses = [line.split(None, 1) for line in out.splitlines() if line.startswith(("ok ", "failed "))]
+    assert sorted(statuses) == [["ok", "coop eurosat base2new 1-shot seed 1"],
+                                ["ok", "coop eurosat base2new 1-shot seed 2"]]
+    assert len([line for line in out.splitlines() if line.startswith("$ ")]) == 2  # only the missing runs ran
+    assert (runs / "zsclip/eurosat/base2new/shots_1/seed_1/results.json").read_bytes() == \
+        at_kill["zsclip/eurosat/base2new/shots_1/seed_1"]  # the finished run was not redone
+    results = finished(runs)
+    assert len(results) == 3 and {r["seed"] for r in results.values() if r["method"] == "coop"} == {1, 2}
+    killed = runs / "logs/coop/eurosat/base2new/shots_1_seed_1.log"
+    assert f"ran before without results (failed or interrupted): coop eurosat base2new 1-shot seed 1  log: {killed}" \
+        in out
+    assert killed.read_text().count("$ ") == 2  # the killed attempt, then the one that finished
+
+
+def test_the_same_sweep_through_submitits_local_executor_writes_the_same_results(interrupted_sweep, mini_root,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """The SLURM path's pickled job arrays, run by submitit's LocalExecutor (all jobs of a pass at once,
+    sharing a fresh cache), against the local launcher's (interrupted and resumed) sweep."""
+    local_runs = interrupted_sweep[0]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored afterwards: the sweep extends it
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    sweep.main(["run", *SWEEP_GRID, "--output", str(runs), "--launcher", "slurm", "--wait",
+                *sweep_run_flags(mini_root, cache)], cluster="local")
+    out = capsys.readouterr().out
+    ours, theirs = finished(runs), finished(local_runs)
+    assert set(ours) == set(theirs)
+    for rel, res in ours.items():  # the same commands: the same configuration, subset and (seeded) metrics
+        other = theirs[rel]
+        assert res["metrics"] == other["metrics"] and res["train_images"] == other["train_images"]
+        assert {k: v for k, v in res["config"].items() if k not in ("output", "cache_dir")} == \
+            {k: v for k, v in other["config"].items() if k not in ("output", "cache_dir")}
+    assert "submitted 1 job(s) (zero-shot CLIP" in out and "submitted 2 job(s) (one job per dataset" in out
+    job_logs = "".join(p.read_text() for p in runs.glob("submitit/*/*_log.out"))
+    assert job_logs.count("$ ") == 3 and "coop.py --dataset eurosat --shots 1 --seed 2" in job_logs
+    # the two training jobs ran at once and merged their augmented views into one cache file: none lost
+    view0 = torch.load(next(cache.rglob("train_view0000.pt")))
+    assert {rel for r in ours.values() for rel in r["train_images"]} <= set(view0["rel"])
+
+
+FAKE_SBATCH = """#!/bin/sh
+# SLURM's sbatch, as far as submitit sees it: keeps the script and answers with a job id
+n=$(( $(cat "$SBATCH_RECORD/count" 2>/dev/null || echo 4241) + 1 ))
+echo "$n" > "$SBATCH_RECORD/count"
+cp "$1" "$SBATCH_RECORD/sbatch_$n.sh"
+echo "Submitted batch job $n"
+"""
+
+
+def test_a_slurm_sweep_submits_the_missing_runs_as_two_job_arrays(tmp_path, monkeypatch, capsys):
+    """No cluster here: a stand-in sbatch records what submitit submits (the real sbatch scripts and pickled
+    jobs); srun only has to exist."""
+    import submitit
+    bin_, record, runs = tmp_path / "bin", tmp_path / "record", tmp_path / "runs"
+    bin_.mkdir()
+    record.mkdir()
+    (bin_ / "sbatch").write_text(FAKE_SBATCH)
+    (bin_ / "srun").write_text("#!/bin/sh\n")
+    for tool in ("sbatch", "srun"):
+        (bin_ / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_RECORD", str(record))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    finished_before = [("coop", "eurosat", 1, 1), ("mopd", "eurosat", 1, 1), ("coop", "dtd", 2, 3)]
+    for method, dataset, shots, seed in finished_before:
+        write_fake_result(runs, method, "base2new", shots, seed, {"base": 1.0, "new": 1.0, "H": 1.0}, dataset=dataset)
+    sweep.main(["run", "--methods", "zsclip", "coop", "mopd", "--datasets", "eurosat", "DescribableTextures",
+                "--shots", "1", "2", "--seeds", "1", "2", "3", "--protocol", "base2new", "--output", str(runs),
+                "--launcher", "slurm", "--slurm-partition", "gpu-long", "--slurm-gpus-per-job", "2",
+                "--slurm-cpus-per-job", "6", "--slurm-time", "90", "--slurm-array-parallelism", "4",
+                "--", "--backbone", "tiny", "--pretrained", "none"])
+    out = capsys.readouterr().out
+    first, second = (record / "sbatch_4242.sh").read_text(), (record / "sbatch_4243.sh").read_text()
+    assert sorted(p.name for p in record.glob("*.sh")) == ["sbatch_4242.sh", "sbatch_4243.sh"]
+    for script in (first, second):
+        for line in ("--partition=gpu-long", "--gpus-per-node=2", "--cpus-per-task=6", "--time=90"):
+            assert f"#SBATCH {line}\n" in script
+    assert "#SBATCH --array=0-1%2\n" in first and "dependency" not in first  # a zero-shot run per dataset
+    assert "#SBATCH --array=0-10%4\n" in second  # 2 datasets x 2 shots x 3 seeds, one job already done
+    assert "#SBATCH --dependency=afterany:4242\n" in second  # test sets encoded before the training jobs
+    jobs = {p.parent.name: submitit.helpers.DelayedSubmission.load(p).function
+            for p in runs.glob("submitit/*/*_submitted.pkl")}
+    assert set(jobs) == {"4242_0", "4242_1"} | {f"4243_{i}" for i in range(11)}
+    submitted = {(run.method, run.where) for job in jobs.values() for run in job.runs}
+    grid = {(m, f"{d} base2new {k}-shot seed {s}") for m in ("coop", "mopd") for d in ("eurosat", "dtd")
+            for k in (1, 2) for s in (1, 2, 3)}
+    done = {(m, f"{d} base2new {k}-shot seed {s}") for m, d, k, s in finished_before}
+    zero_shot = {("zsclip", f"{d} base2new 1-shot seed 1") for d in ("eurosat", "dtd")}
+    assert submitted == grid - done | zero_shot
+    for job in jobs.values():  # a job: one (dataset, shots, seed), its methods in the asked order
+        assert len({run.where for run in job.runs}) == 1
+        assert [run.method for run in job.runs] in (["zsclip"], ["coop", "mopd"], ["mopd"])
+        assert job.checkpoint().function is job  # preempted or out of time: requeued as it is
+    assert [run.method for run in jobs["4243_10"].runs] == ["mopd"]  # dtd 2-shot seed 3: CoOp's is done
+    assert jobs["4243_9"].runs[1].command == (
+        sys.executable, str(ROOT / "mopd.py"), "--dataset", "dtd", "--shots", "2", "--seed", "2", "--protocol",
+        "base2new", "--output", str(runs), "--backbone", "tiny", "--pretrained", "none")
+    assert "--zero-shot" in jobs["4242_1"].runs[0].command
+    # a requeued job whose earlier attempt finished its runs runs nothing again
+    for method in ("coop", "mopd"):
+        write_fake_result(runs, method, "base2new", 2, 2, {"base": 1.0, "new": 1.0, "H": 1.0}, dataset="dtd")
+    assert [status for _, status in jobs["4243_9"]()] == ["skipped (results exist)"] * 2
+    assert "4242_0 .. 4242_1" in out and "4243_0 .. 4243_10" in out and str(runs / "submitit") in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "coop", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--datasets", "eurosat", "nosuchset"], "unknown dataset 'nosuchset'"),
+    (["--shots", "0"], "0 is not a positive number"),
+    (["--", "--sh=4"], "the sweep sets --shots itself"),
+    (["--", "--zero-shot"], "the sweep sets --zero-shot itself"),
+    (["--", "--no-such-flag"], "coop.py refuses the command of zsclip eurosat fewshot 1-shot seed 1: "),
+    (["--methods", "mopd", "--datasets", "imagenet_a", "--shots", "1"], "no official MoPD setting"),
+    (["--launcher", "slurm"], "sbatch and srun not found on PATH"),
+])
+def test_bad_sweep_input_gets_one_clear_message(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM on this machine, whatever it has
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["run", "--output", str(tmp_path / "runs"), *argv])
+    text = str(exit_.value.code) + capsys.readouterr().err
+    assert message in text, text
+    assert "Traceback" not in text and not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------------------------------
