@@ -201,7 +201,7 @@ def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=F
         else "GELU"
     if source == "open_clip checkpoint file":  # the one case where nothing says which activation is right
         source = "--quick-gelu" if quick_gelu else "the backbone name"
-        other = ("drop --quick-gelu" if quick_gelu else f"name the backbone without -quickgelu") \
+        other = ("drop --quick-gelu" if quick_gelu else "name the backbone without -quickgelu") \
             if activation == "QuickGELU" else f"pass --quick-gelu or name the backbone {backbone}-quickgelu"
         print(f"note: {Path(pretrained).name} is an open_clip checkpoint, which does not record its activation; "
               f"{backbone} is built with {activation} ({source}). If the weights were trained with the other one "
@@ -887,14 +887,14 @@ def base_parser(description, protocol="fewshot", protocol_help=None):
     """The flags every method shares. Defaults here are CoOp's; a method sets its own with
     parser.set_defaults(...), and its default protocol here (None: the method resolves it after parsing)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="eurosat", type=_dataset_name,
+    p.add_argument("--dataset", default="eurosat", type=dataset_arg,
                    help="dataset name (see data.py), e.g. eurosat, dtd, imagenet")
     p.add_argument("--shots", type=int, default=16, help="training images per class (1, 2, 4, 8, 16)")
     p.add_argument("--seed", type=int, default=1, help="seed of the few-shot subset and of training")
     p.add_argument("--seeds", type=int, nargs="+", help="run several seeds and report mean ± std (overrides --seed)")
     p.add_argument("--protocol", default=protocol, choices=["fewshot", "base2new"], help=protocol_help or
                    "fewshot: all classes; base2new: train on the base half, test on base and new")
-    p.add_argument("--eval-on", nargs="+", default=[], type=_dataset_name, metavar="DATASET",
+    p.add_argument("--eval-on", nargs="+", default=[], type=dataset_arg, metavar="DATASET",
                    help="also test the learned prompt on these datasets' test splits with their own classes: "
                         "cross-dataset (e.g. train imagenet, --eval-on caltech101 dtd ...) or domain "
                         "generalisation (--eval-on imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
@@ -929,7 +929,7 @@ def base_parser(description, protocol="fewshot", protocol_help=None):
     return p
 
 
-def _dataset_name(name):
+def dataset_arg(name):
     """--dataset as data.py's canonical key; an unknown name is a usage error listing the valid ones."""
     try:
         return data.canonical_name(name)

@@ -1,8 +1,7 @@
 """DeMul -- Weighted Multi-Prompt Learning with Description-free Large Language Model Distillation.
 Lee, Shin, Park. ICLR 2025, arXiv 2507.07147. No public code. Sources: the abstract and introduction, the
-OpenReview reviews (https://openreview.net/forum?id=NDLmZZWATc, reviewers R1-R5) and third-party write-ups
-of the paper; its method section and equations could not be read, so every choice they do not state is a
-reconstruction, marked "# reconstruction:" where it is made.
+OpenReview reviews (https://openreview.net/forum?id=NDLmZZWATc, reviewers R1-R5), third-party write-ups; the
+method section could not be read: every choice they do not state is marked "# reconstruction:" where made.
 
 A frozen LLM embedder h embeds each class *name* (no generated descriptions). M learnable prompts, their
 context shared by all classes (R3), give CLIP text features t_ij = g([V_j] [CLASS_i] .). An MLP phi maps
@@ -25,17 +24,13 @@ Reconstructed:
   * w_ij = |a_ij| / sum_j |a_ij| from free raw weights a (start 1/M), without weight decay (w ignores the
     scale of a: decay would only raise its effective learning rate).
   * --l1 raw (default, the sources' literal reading): lambda mean_i ||a_i||_1. Not inert although w ignores
-    the scale: the step -lr lambda sign(a) has a part orthogonal to a and soft-thresholds, e.g. w = a =
-    (.30,.25,.20,.15,.10) becomes w = (.40,.30,.20,.10,0) after 10 steps of .01; and R4's remark that the
-    plotted weights sum to more than 1 fits plotted raw weights. It also shrinks ||a|| by about lr lambda / C
-    per step and weight, little at CoOp's learning rate. --l1 ratio: lambda mean_i ||a_i||_1 / ||a_i||_2,
-    scale-free, 1 with one prompt left and sqrt(M) when uniform.
-  * --combine prob (default): log sum_j w_ij p_j(i|x), Eq. 4 as R4 quotes it (the CE renormalises over
-    classes); embed: s cos(f(x), sum_j w_ij t_ij / ||t_ij||), R4's reading of the code. Which of the two gives
-    the paper's numbers is unknown (no code, no visible reply): the default is the published equation.
-  * starts: every prompt N(0, 0.02^2), its own draw from a CPU generator seeded by the run seed. Symmetric:
-    the abstract's point is "eliminating the need for discrete pre-defined templates", and no prompt should
-    be favoured by its start. --ctx-init WORDS starts prompt 1 from words instead (the former default).
+    the scale: the step -lr lambda sign(a) soft-thresholds, e.g. w = a = (.30,.25,.20,.15,.10) becomes
+    (.40,.30,.20,.10,0) after 10 steps of .01; R4's remark that the plotted weights sum to more than 1 fits
+    raw weights. --l1 ratio: lambda mean_i ||a_i||_1 / ||a_i||_2, scale-free (1 with one prompt left).
+  * --combine prob (default): log sum_j w_ij p_j(i|x), Eq. 4 as R4 quotes it; embed: s cos(f(x), sum_j w_ij
+    t_ij / ||t_ij||), R4's reading of the code. Which gives the paper's numbers is unknown (no code).
+  * starts: every prompt N(0, 0.02^2) from the run's seeded generator, symmetric: the abstract aims at "eliminating
+    the need for discrete pre-defined templates". --ctx-init WORDS starts prompt 1 from words instead.
   * M = 5 (R4: Fig. 5 plots five weights); all M prompts every step, as sampling is described as a memory
     device for large M and its rule is unknown (--prompts-per-step M' < M: uniform without replacement).
   * stage 1: names as "a photo of a {}.", 20k-name subsample (seed 0) of WordNet + the class names, Adam
@@ -75,21 +70,19 @@ def parse_args(argv=None):
     p.add_argument("--mlp-hidden", type=int, default=1024, help="hidden width of phi and psi")  # reconstruction
     p.add_argument("--n-prompts", type=int, default=5, help="M prompts")  # reconstruction: Fig. 5 shows 5 weights
     p.add_argument("--prompts-per-step", type=int, default=0,  # reconstruction: sampling rule unknown
-                   help="M' < M prompts sampled per step, to bound memory when M is large; 0 = all M (M = 5 is "
-                        "small); evaluation always uses all M")
+                   help="M' < M prompts sampled per step (bounds memory when M is large); 0 = all M; tests use all M")
     p.add_argument("--n-ctx", type=int, default=4, help="context tokens per prompt")  # reconstruction
     p.add_argument("--ctx-init", default="",  # reconstruction: symmetric starts, no template (docstring)
                    help='"" = every prompt starts at random, N(0, 0.02^2): symmetric, no template; WORDS = prompt 1 '
                         'starts from these words')
     p.add_argument("--combine", default="prob", choices=["prob", "embed"],  # Eq. 4 as R4 quotes it
-                   help="prob: average the prompts' class probabilities (Eq. 4, as a reviewer quotes it); embed: "
-                        "average their text embeddings (that reviewer's reading of the code); which one gives the "
-                        "paper's numbers is unknown")
+                   help="prob: average the prompts' class probabilities (Eq. 4 as a reviewer quotes it); embed: "
+                        "average their text embeddings (that reviewer's reading of the code)")
     p.add_argument("--l1", default="raw", choices=["raw", "ratio"],  # reconstruction (docstring)
                    help="raw: lambda ||a_i||_1 on the raw weights a, w = |a| / sum |a| (the sources' literal reading; "
                         "soft-thresholds small weights to 0); ratio: lambda ||a_i||_1 / ||a_i||_2 (scale-free)")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_distill")  # reconstruction: value unseen
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the cyclic term")  # reconstruction
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_distill")  # reconstruction: values unseen
+    p.add_argument("--beta", type=float, default=1.0, help="weight of L_cyc")  # reconstruction
     p.add_argument("--lam", type=float, default=0.1,  # reconstruction: a fixed constant (reviews), value unseen
                    help="lambda of the L1 weight penalty (averaged over classes)")
     args = p.parse_args(argv)

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 import common
-import data
 
 HERE = Path(__file__).resolve().parent
 
@@ -422,13 +421,6 @@ def collect(jobs, pass_jobs):
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def _dataset(name):
-    try:
-        return data.canonical_name(name)
-    except data.DataError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -448,7 +440,7 @@ def parser():
                             "e.g. -- --backbone RN50 --data-root DIR --cache-dir /shared/cache")
     r.add_argument("--methods", nargs="+", default=["zsclip", "coop"], choices=list(METHODS), metavar="METHOD",
                    help=f"any of {', '.join(METHODS)} (zsclip: zero-shot CLIP, one run per dataset, run first)")
-    r.add_argument("--datasets", nargs="+", default=["eurosat"], type=_dataset, metavar="DATASET",
+    r.add_argument("--datasets", nargs="+", default=["eurosat"], type=common.dataset_arg, metavar="DATASET",
                    help="dataset names as data.py knows them (the papers' averages need CoOp's 11)")
     r.add_argument("--shots", type=_positive, nargs="+", default=[1, 2, 4, 8, 16], help="shot counts")
     r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (CoOp's: 1 2 3)")
