@@ -301,11 +301,12 @@ def run(args, seed):
     task = common.prepare(args, seed)
     clip, all_prompts = task.clip, list(range(args.n_prompts))
     saved = task.load_prompt("demul")
+    combine = saved["combine"] if saved else args.combine  # a saved prompt is scored the way it was trained
     if saved:  # evaluate the saved prompts and weights: no LLM, no stage 1
         model = DeMul(clip, saved["classnames"], len(saved["ctx"]), saved["n_ctx"])
         model.ctx.data.copy_(saved["ctx"])
         model.raw_weights.data.copy_(saved["raw_weights"])
-        extra = {"loaded_from": args.load_prompt}
+        extra = {"loaded_from": args.load_prompt, "combine": combine}
     else:
         llm = LLMEmbedder(args.llm, args.cache_dir, args.llm_batch, clip.device)
         phi, psi, pre = load_or_pretrain(clip, llm, name_set(args, task.dataset.classnames), args)
@@ -329,7 +330,7 @@ def run(args, seed):
 
     def predict(classnames, feats):
         text, w = model.text_features(classnames, list(range(len(model.ctx)))), class_weights(model, classnames)
-        return torch.cat([combined_logits(f, text, w, clip.logit_scale, args.combine) for f in feats.split(1000)])
+        return torch.cat([combined_logits(f, text, w, clip.logit_scale, combine) for f in feats.split(1000)])
 
     metrics = task.evaluate(predict)
     w, threshold = prompt_weights(model.raw_weights.detach()), 0.1 / len(model.ctx)

@@ -148,6 +148,7 @@ def parse_args(argv=None):
             if official is None:
                 p.error(f"no official MoPD setting for {name}: pass --w, --w2, --top-t and --epochs")
             setattr(args, key, official[i])
+    common.resolve_epochs(p, args)  # the table always gives epochs: this checks a given --epochs
     if args.pool_size is not None:  # reconstructed: the first N templates of the pool
         if not 1 <= args.pool_size <= len(args.templates):
             p.error(f"--pool-size {args.pool_size}: the {args.pool} pool has {len(args.templates)} templates")

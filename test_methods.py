@@ -176,6 +176,13 @@ def run_cli(script, *args, cwd=ROOT):
                           env=env)
 
 
+def run_cli_ok(script, args, out):
+    """A command line that must succeed: its process and the results.json it wrote into out."""
+    proc = run_cli(script, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((out / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("features"))
@@ -1239,6 +1246,13 @@ class TestEveryMethod:
         assert watched["logits"] and set(watched["logits"]) == {torch.float32}
 
     @pytest.mark.parametrize("name", list(METHODS))
+    def test_every_method_refuses_a_run_of_no_epochs(self, name, capsys):
+        with pytest.raises(SystemExit):
+            METHODS[name].parse_args(["--dataset", "eurosat", "--epochs", "0"])
+        err = capsys.readouterr().err
+        assert "--epochs" in err and "at least 1" in err, err
+
+    @pytest.mark.parametrize("name", list(METHODS))
     def test_every_method_checks_its_cheap_preconditions_before_encoding_any_image(self, name, mini_root, tmp_path,
                                                                                    monkeypatch, capsys):
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -1297,10 +1311,9 @@ class TestCoOp:
 
     @needs_eurosat
     def test_coop_cli_fewshot_on_real_eurosat_writes_its_results(self, tmp_path, shared_cache):
-        proc = run_cli("coop.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "3", "--aug-views", "2"))
-        assert proc.returncode == 0, proc.stderr
         out = tmp_path / "runs" / "coop" / "eurosat" / "fewshot" / "shots_1" / "seed_1"
-        res = json.loads((out / "results.json").read_text())
+        proc, res = run_cli_ok("coop.py", tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "3", "--aug-views",
+                                                    "2"), out)
         assert res["weights"] == "random" and res["backbone"] == "tiny"
         assert 0 <= res["metrics"]["accuracy"] <= 100
         assert res["classnames"] == EUROSAT_NAMES
@@ -1466,10 +1479,9 @@ class TestKDPL:
 
     @needs_eurosat
     def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(self, tmp_path, shared_cache):
-        proc = run_cli("kdpl.py", *kdpl_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views", "1"))
-        assert proc.returncode == 0, proc.stderr
         out = tmp_path / "runs/kdpl/eurosat/base2new/shots_1/seed_1"  # base-to-new by default, as the official scripts
-        res = json.loads((out / "results.json").read_text())
+        proc, res = run_cli_ok("kdpl.py", kdpl_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views",
+                                                    "1"), out)
         m = res["metrics"]
         assert set(m) == {"base", "new", "H", "base_to_unseen"} and m["base_to_unseen"] == m["new"]
         assert res["backbone"] == "tiny" and res["weights"] == "random"
@@ -1728,10 +1740,9 @@ class TestMoPD:
 
     @needs_eurosat
     def test_mopd_cli_base2new_on_real_eurosat(self, tmp_path, shared_cache):
-        proc = run_cli("mopd.py", *tiny_args(tmp_path, shared_cache, "--shots", "2", "--epochs", "2", "--aug-views", "1"))
-        assert proc.returncode == 0, proc.stderr
         out = tmp_path / "runs" / "mopd" / "eurosat" / "base2new" / "shots_2" / "seed_1"
-        res = json.loads((out / "results.json").read_text())
+        proc, res = run_cli_ok("mopd.py", tiny_args(tmp_path, shared_cache, "--shots", "2", "--epochs", "2", "--aug-views",
+                                                    "1"), out)
         m = res["metrics"]
         assert set(m) == {"base", "new", "H"} and m["H"] == pytest.approx(common.harmonic_mean(m["base"], m["new"]))
         assert res["method"] == "mopd" and res["weights"] == "random" and res["classnames"] == EUROSAT_NAMES[:5]
@@ -1750,6 +1761,14 @@ class TestMoPD:
 
 class TestDeMul:
     """demul.py (reconstruction): weights and L1, the combination, stage 1, the LLM embedders."""
+
+    def test_a_saved_prompt_is_scored_with_the_combination_it_was_trained_with(self, mini_root, tmp_path, monkeypatch):
+        trained, _ = run_method("demul", mini_root, tmp_path / "train", tmp_path / "cache", "--combine", "embed",
+                                monkeypatch=monkeypatch)
+        prompt = next((tmp_path / "train").rglob("prompt.pt"))
+        loaded, _ = run_method("demul", mini_root, tmp_path / "eval", tmp_path / "cache", "--load-prompt", str(prompt),
+                               monkeypatch=monkeypatch)  # --combine left at its default, prob
+        assert loaded["combine"] == "embed" and loaded["metrics"] == trained["metrics"]
 
     def test_prompt_weights_and_l1_term_by_hand(self):
         raw = torch.tensor([[0.3, -0.4, 0.0], [1.0, 1.0, 2.0]])
@@ -2208,12 +2227,10 @@ class TestEMPL:
     @needs_eurosat
     @needs_wordnet
     def test_empl_cli_base2new_on_real_eurosat(self, tmp_path, shared_cache):
-        proc = run_cli("empl.py", *tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views", "1",
-                                             "--sgld-steps", "1", "--vocab-pool", "200"))
-        assert proc.returncode == 0, proc.stderr
-        assert 'starts from "a photo of a"' in proc.stdout
         out = tmp_path / "runs" / "empl" / "eurosat" / "base2new" / "shots_1" / "seed_1"
-        res = json.loads((out / "results.json").read_text())
+        proc, res = run_cli_ok("empl.py", tiny_args(tmp_path, shared_cache, "--shots", "1", "--epochs", "2", "--aug-views",
+                                                    "1", "--sgld-steps", "1", "--vocab-pool", "200"), out)
+        assert 'starts from "a photo of a"' in proc.stdout
         assert set(res["metrics"]) == set(res["metrics_without_sampling"]) == {"base", "new", "H"}
         assert res["classnames"] == EUROSAT_NAMES[:5] and len(res["train_images"]) == 5
         assert res["sgld"] == {"steps": 1, "step_size": 1e-3, "layers": 2, "enters_block": 0,
