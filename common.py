@@ -514,6 +514,21 @@ def _collate(batch):
     return (None if errors else torch.stack([image for image, _ in batch])), errors
 
 
+def locked(path):
+    """A lock file beside path: runs sharing a cache (seeds, a cluster sweep) merge into it one at a time."""
+    return FileLock(f"{path}.lock")
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename: a reader, or an interrupted run, never sees a
+    half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def file_stamp(path):
     """(size, mtime in ns): a changed, re-downloaded or repaired image gets new features (what make and
     rsync use to notice a changed file; hashing every image would cost a read of the whole dataset)."""
@@ -557,14 +572,12 @@ class FeatureCache:
         returns the merged {rel: (stamp, feature)}."""
         path = self.path(clip, dataset, view)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{path}.lock"):
+        with locked(path):
             stored = _read_features(path)  # what other processes added meanwhile
             stored.update({it.rel: (file_stamp(it.path), f) for it, f in zip(items, feats.cpu())})
             rels = list(stored)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"rel": rels, "stamp": [stored[r][0] for r in rels],
-                        "feats": torch.stack([stored[r][1] for r in rels])}, tmp)
-            os.replace(tmp, path)  # atomic: an interrupted run never leaves a broken cache file
+            save_atomic({"rel": rels, "stamp": [stored[r][0] for r in rels],
+                         "feats": torch.stack([stored[r][1] for r in rels])}, path)
         return stored
 
     @torch.no_grad()

@@ -107,24 +107,33 @@ class LLMEmbedder:
 
     def __call__(self, names):
         names = [n.replace("_", " ") for n in names]
-        stored = torch.load(self.path) if self.path.exists() else {"names": [], "vecs": None}
-        index = {n: i for i, n in enumerate(stored["names"])}
-        missing = list(dict.fromkeys(n for n in names if n not in index))
-        new = []
+        stored = self._read()
+        missing = list(dict.fromkeys(n for n in names if n not in stored))
+        new = {}
         try:
             for start in range(0, len(missing), self.batch_size):
-                new.append(self._embed(missing[start:start + self.batch_size]).float().cpu())
-                self.embedded += len(new[-1])
+                chunk = missing[start:start + self.batch_size]
+                new.update(zip(chunk, self._embed(chunk).float().cpu().half()))
+                self.embedded += len(chunk)
         finally:  # keep what was paid for, even when a later request fails
             if new:
-                vecs = torch.cat(new).half()
-                stored = {"names": stored["names"] + missing[:len(vecs)],
-                          "vecs": vecs if stored["vecs"] is None else torch.cat([stored["vecs"], vecs])}
-                index = {n: i for i, n in enumerate(stored["names"])}
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(stored, self.path.with_suffix(f".tmp{os.getpid()}"))
-                os.replace(self.path.with_suffix(f".tmp{os.getpid()}"), self.path)
-        return F.normalize(stored["vecs"][[index[n] for n in names]].float(), dim=-1)
+                stored = self._merge(new)
+        return F.normalize(torch.stack([stored[n] for n in names]).float(), dim=-1)
+
+    def _read(self):
+        """{name: fp16 embedding} on disk ({} before the first call)."""
+        if not self.path.exists():
+            return {}
+        stored = torch.load(self.path)
+        return dict(zip(stored["names"], stored["vecs"]))
+
+    def _merge(self, new):
+        """Add new embeddings to the file, merged under a lock with what other runs added meanwhile."""
+        with common.locked(self.path):
+            stored = self._read()
+            stored.update(new)
+            common.save_atomic({"names": list(stored), "vecs": torch.stack(list(stored.values()))}, self.path)
+        return stored
 
     def _embed(self, names):
         if self.spec == "minilm":
@@ -216,10 +225,9 @@ def load_or_pretrain(clip, llm, names, args):
     phi, psi, losses = pretrain_maps(u, v, args.mlp_hidden, args.pretrain_epochs, args.pretrain_lr)
     info = dict(key, cache=str(path), n_names=len(names), llm_dim=v.shape[1], loss_per_epoch=losses,
                 seconds=time.perf_counter() - start)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"phi": phi.state_dict(), "psi": psi.state_dict(), "info": info,
-                "phi_shape": (u.shape[1], args.mlp_hidden, v.shape[1]),
-                "psi_shape": (v.shape[1], args.mlp_hidden, u.shape[1])}, path)
+    common.save_atomic({"phi": phi.state_dict(), "psi": psi.state_dict(), "info": info,  # jobs of a sweep share it
+                        "phi_shape": (u.shape[1], args.mlp_hidden, v.shape[1]),
+                        "psi_shape": (v.shape[1], args.mlp_hidden, u.shape[1])}, path)
     return phi, psi, dict(info, reused=False)
 
 

@@ -1960,6 +1960,19 @@ class TestDeMul:
         assert len(server.requests) == 5 and server.requests[-1]["body"]["input"] == ["horse"]  # only the new name
         assert again.embedded == 1
 
+    def test_two_runs_embedding_into_one_cache_file_keep_each_others_names(self, tmp_path, monkeypatch):
+        first, second = demul.LLMEmbedder("minilm", tmp_path), demul.LLMEmbedder("minilm", tmp_path)
+
+        def embed_while_the_other_run_writes(self, names):  # the first run's request; the second writes meanwhile
+            if self is first:
+                second(["cat", "tree"])
+            return fake_embed(self, names)
+        monkeypatch.setattr(demul.LLMEmbedder, "_embed", embed_while_the_other_run_writes)
+        first(["dog", "sea"])
+        third = demul.LLMEmbedder("minilm", tmp_path)
+        third(["dog", "sea", "cat", "tree"])
+        assert third.embedded == 0  # all four on disk
+
     def test_openai_embedder_errors_are_one_clear_message(self, openai_env, tmp_path, monkeypatch):
         openai_env(status=401)
         with pytest.raises(common.UserError, match="OpenAI embeddings request failed: AuthenticationError"):
