@@ -234,7 +234,8 @@ def read_checkpoint(path):
             return "open_clip", load_file(path)
         state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as err:  # truncated, text, a pickle of something else: all the same to the user
-        raise UserError(_not_a_checkpoint(path, str(err).strip().splitlines()[0][:200] or type(err).__name__)) from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]  # an empty file: EOFError('')
+        raise UserError(_not_a_checkpoint(path, reason)) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(_not_a_checkpoint(path, f"it holds a {type(state).__name__}, not a state dict"))
@@ -638,7 +639,8 @@ def resolve_epochs(parser, args, base2new=None):
     for the base-to-new protocol when given (ImageNet keeps 50)."""
     if args.epochs is None:
         official = fewshot_epochs(args.dataset, args.shots)
-        base_to_new = args.protocol == "base2new" and base2new is not None and official != IMAGENET_EPOCHS
+        imagenet = data.canonical_name(args.dataset) == "imagenet"
+        base_to_new = args.protocol == "base2new" and base2new is not None and not imagenet
         args.epochs = base2new if base_to_new else official
         if args.epochs is None:
             parser.error(f"no official epoch count for {args.shots} shots; pass --epochs")

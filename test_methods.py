@@ -1012,7 +1012,9 @@ class TestCLIP:
         text.write_text("not a checkpoint")
         truncated = tmp_path / "partial.bin"
         truncated.write_bytes(files["open_clip"].read_bytes()[:5000])
-        for path, backbone in ((text, "tiny"), (truncated, "tiny"), (files["openai"], "tiny-wide"),
+        empty = tmp_path / "empty.bin"  # an interrupted download
+        empty.write_bytes(b"")
+        for path, backbone in ((text, "tiny"), (truncated, "tiny"), (empty, "tiny"), (files["openai"], "tiny-wide"),
                                (files["torchscript"], "tiny-wide")):
             with pytest.raises(common.UserError, match=f"{path.name} is not a CLIP checkpoint"):
                 common.load_clip(backbone, str(path))
@@ -1069,6 +1071,14 @@ class TestTraining:
         w = torch.nn.Parameter(torch.zeros(1))
         with pytest.raises(common.TrainingError, match="loss became nan"):
             common.fit([w], lambda a: (a * w).sum() * float("nan"), lambda e: (torch.ones(4),), n=4, epochs=2)
+
+    @pytest.mark.parametrize("dataset, protocol, shots, epochs", [
+        ("eurosat", "fewshot", 1, 50), ("eurosat", "fewshot", 4, 100), ("eurosat", "fewshot", 16, 200),
+        ("eurosat", "base2new", 1, 200), ("eurosat", "base2new", 16, 200), ("imagenet", "base2new", 1, 50),
+        ("imagenet", "fewshot", 16, 50)])
+    def test_coops_epoch_recipe_per_protocol_shots_and_dataset(self, dataset, protocol, shots, epochs):
+        args = coop.parse_args(["--dataset", dataset, "--protocol", protocol, "--shots", str(shots)])
+        assert args.epochs == epochs
 
     def test_an_overflowing_fp16_step_is_skipped_and_the_next_one_applies(self):
         """A fused SGD under a GradScaler allocates its momentum buffer on a skipped step without writing it
