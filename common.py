@@ -70,7 +70,9 @@ class UserError(Exception):
 
 def set_seed(seed):
     """Seed the global generators the way Dassl's set_random_seed does, for code that still draws from
-    them. Nothing of ours does: every random consumer owns a generator (see `generator`)."""
+    them. Nothing of ours draws from them unseeded: every random consumer owns a generator (see
+    `generator`), or seeds the global one inside torch.random.fork_rng where a library draws from it
+    (torchvision's random crops, DeMul's stage-1 MLPs)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -286,6 +288,9 @@ def _from_tag(backbone, pretrained, quick_gelu):
         raise UserError(f"open_clip has no weights {pretrained!r} for {backbone}; known tags: {', '.join(tags)}, "
                         f"or pass a checkpoint file, or 'none' for random weights.")
     cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
+    if quick_gelu and not cfg.get("quick_gelu", False) and not backbone.endswith("-quickgelu"):
+        raise UserError(f"--quick-gelu: open_clip records that {backbone} {pretrained!r} was trained with GELU; "
+                        f"drop --quick-gelu (it is only for checkpoint files, which do not record it)")
     try:
         # open_clip 3 only warns when a tag was trained with QuickGELU (OpenAI's are); build it that way
         return open_clip.create_model(backbone, pretrained=pretrained,
@@ -547,7 +552,6 @@ class FeatureCache:
     sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically."""
     root: Path
     workers: int = 2
-    batch_size: int = 0    # images per tower pass; 0: Dassl's test batch (100) on CUDA, 32 on the CPU
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
     computed: int = 0
     seconds_by_tower: Counter = field(default_factory=Counter)  # the same time per backbone (student, teacher)
@@ -565,17 +569,19 @@ class FeatureCache:
         stored = _read_features(path)
         missing = list({it.rel: it for it in items if stored.get(it.rel, (None,))[0] != stamps[it.rel]}.values())
         if missing:
-            stored = self.put(clip, dataset, missing, view, self._compute(clip, dataset, missing, view))
+            stored = self.put(clip, dataset, missing, view, self._compute(clip, dataset, missing, view), stamps)
         return torch.stack([stored[it.rel][1] for it in items]).float().to(clip.device)
 
-    def put(self, clip, dataset, items, view, feats):
+    def put(self, clip, dataset, items, view, feats, stamps=None):
         """Add features of items to the cache file, merged under a lock with what is on disk by then;
-        returns the merged {rel: (stamp, feature)}."""
+        returns the merged {rel: (stamp, feature)}. stamps: the files' stamps taken before they were read
+        (a file replaced while it was being encoded is then encoded again by the next run)."""
+        stamps = stamps or {it.rel: file_stamp(it.path) for it in items}
         path = self.path(clip, dataset, view)
         path.parent.mkdir(parents=True, exist_ok=True)
         with locked(path):
             stored = _read_features(path)  # what other processes added meanwhile
-            stored.update({it.rel: (file_stamp(it.path), f) for it, f in zip(items, feats.cpu())})
+            stored.update({it.rel: (stamps[it.rel], f) for it, f in zip(items, feats.cpu())})
             rels = list(stored)
             save_atomic({"rel": rels, "stamp": [stored[r][0] for r in rels],
                          "feats": torch.stack([stored[r][1] for r in rels])}, path)
@@ -584,10 +590,11 @@ class FeatureCache:
     @torch.no_grad()
     def _compute(self, clip, dataset, items, view):
         start = time.perf_counter()
-        # its own generator: creating a loader must not advance the global one (a cold cache would
-        # then change every random number drawn after it)
-        # On the CPU 32 images per pass are as fast as 100 and need ~0.5 GB less at the peak (ViT-B/16)
-        batch_size = self.batch_size or (100 if clip.device.type == "cuda" else 32)
+        # Dassl's test batch (100) on CUDA; on the CPU 32 images per pass are as fast and need ~0.5 GB less
+        # at the peak (ViT-B/16)
+        batch_size = 100 if clip.device.type == "cuda" else 32
+        # its own generator: creating a loader must not advance the global one (a cold cache would then
+        # change every random number drawn after it)
         loader = torch.utils.data.DataLoader(ImageFiles(items, clip.image_size, view), batch_size=batch_size,
                                              num_workers=self.workers, pin_memory=clip.device.type == "cuda",
                                              collate_fn=_collate, generator=torch.Generator())
@@ -994,10 +1001,9 @@ def save_prompt(out, task, method, ctx, position="end", csc=False, **fields):
     """prompt.pt, one format for every method: the learned context ctx (shared (M, d), class-specific
     (C, M, d), or one per prompt), the method's other learned tensors, and what they belong to (method,
     classes, backbone, weights, activation), on the CPU so that it loads anywhere (--load-prompt)."""
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(_to_cpu({"method": method, "ctx": ctx, "n_ctx": ctx.shape[-2], "position": position, "csc": csc,
-                        **fields, "classnames": task.classnames, "backbone": task.clip.backbone,
-                        "weights": task.clip.weights, "activation": task.clip.activation}), out / "prompt.pt")
+    save_atomic(_to_cpu({"method": method, "ctx": ctx, "n_ctx": ctx.shape[-2], "position": position, "csc": csc,
+                         **fields, "classnames": task.classnames, "backbone": task.clip.backbone,
+                         "weights": task.clip.weights, "activation": task.clip.activation}), out / "prompt.pt")
 
 
 def versions():

@@ -169,7 +169,7 @@ def teacher_zero_shot(task, teacher):
     """The teacher's zero-shot accuracy with the dataset template, on the student's evaluation sets."""
     metrics = {}
     for which, ev in task.evals.items():
-        feats = task.cache.get(teacher, ev.dataset, ev.items, "test")
+        feats = task.eval_features(ev, clip=teacher)
         text = teacher_text_features(teacher, ev.classnames, data.TEMPLATES[ev.dataset])
         logits = common.cosine_logits(feats, text, task.clip.logit_scale)
         metrics["accuracy" if which == "all" else which] = common.accuracy(logits, ev.labels)

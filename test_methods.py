@@ -1020,6 +1020,8 @@ class TestCLIP:
                 common.load_clip(backbone, str(path))
         with pytest.raises(common.UserError, match="no such file"):
             common.load_clip("ViT-B-32", str(tmp_path / "missing.pt"))
+        with pytest.raises(common.UserError, match="trained with GELU; drop --quick-gelu"):  # before any download
+            common.load_clip("ViT-B-32", "laion2b_s34b_b79k", quick_gelu=True)
 
 
 class TestTraining:
@@ -1175,6 +1177,21 @@ class TestFeatureCache:
         after = cache.get(clip, "fake", items, "test")
         assert cache.computed == len(items) + 1
         assert torch.equal(after[[0, 1, 3, 4, 5]], before[[0, 1, 3, 4, 5]]) and not torch.allclose(after[2], before[2])
+
+    def test_an_image_replaced_while_it_is_encoded_is_encoded_again_next_time(self, clip, tmp_path, monkeypatch):
+        items, compute = fake_items(tmp_path), common.FeatureCache._compute
+        cache = common.FeatureCache(tmp_path / "cache", workers=0)
+
+        def replaced_meanwhile(self, *args):
+            feats = compute(self, *args)
+            if self.computed == len(items):  # the first pass: the file changes after it was read
+                Image.fromarray((torch.rand(60, 30, 3) * 255).byte().numpy()).save(items[2].path)
+                os.utime(items[2].path, ns=(time.time_ns(), time.time_ns() + 10**9))
+            return feats
+        monkeypatch.setattr(common.FeatureCache, "_compute", replaced_meanwhile)
+        cache.get(clip, "fake", items, "test")
+        cache.get(clip, "fake", items, "test")
+        assert cache.computed == len(items) + 1  # the stale feature was not stored under the new file's stamp
 
     def test_two_processes_filling_one_cache_file_lose_nothing(self, clip, tmp_path):
         items = fake_items(tmp_path, n=40)
