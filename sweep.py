@@ -59,6 +59,8 @@ ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flow
 # flags the sweep sets in every command, or that would file the results under another method
 SWEEP_FLAGS = ("--dataset", "--shots", "--seed", "--seeds", "--protocol", "--output", "--zero-shot",
                "--class-agnostic")
+# settings that say where and how a run ran, not what it computed: a finished run may differ in them
+PLACE_SETTINGS = {"output", "cache_dir", "data_root", "no_download", "workers", "device", "overwrite", "seed", "seeds"}
 STOP = threading.Event()  # set on Ctrl-C: the local launcher's jobs start no further run
 
 
@@ -263,15 +265,33 @@ def check_flags(extra, runs):
         if token.startswith("--") and taken:
             raise common.UserError(f"{token} after --: the sweep sets {taken[0]} itself; use the sweep's --methods, "
                                    f"--datasets, --shots, --seeds, --protocol and --output instead")
+        if token.startswith("--") and len(name) > 2 and "--load-prompt".startswith(name):
+            raise common.UserError(f"{token} after --: a sweep trains its prompts; evaluate a saved one with the "
+                                   f"method's own file (python coop.py --load-prompt FILE ...)")
     for run in runs:
         script = Path(run.command[1])
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
-                importlib.import_module(script.stem).parse_args(list(run.command[2:]))
+                asked = importlib.import_module(script.stem).parse_args(list(run.command[2:]))
         except SystemExit:
             reason = (stderr.getvalue().strip().splitlines() or ["invalid flags"])[-1]  # argparse's "error:" line
             raise common.UserError(f"{script.name} refuses the command of {run.name}: {reason}") from None
+        if run.method != "zsclip" and run.results.exists():
+            check_finished(run, asked)
+
+
+def check_finished(run, asked):
+    """A finished run is skipped only if it computed what this sweep asks for: the results path does not
+    hold the backbone, weights or epochs, and a sweep into the same --output with other flags after --
+    would otherwise report another configuration's numbers as its own."""
+    found = json.loads(run.results.read_text()).get("config", {})
+    asked = json.loads(json.dumps(vars(asked), default=str))
+    differ = [k for k in asked if k not in PLACE_SETTINGS and k in found and found[k] != asked[k]]
+    if differ:
+        what = ", ".join(f"--{k.replace('_', '-')} {found[k]} (this sweep: {asked[k]})" for k in differ[:3])
+        raise common.UserError(f"{run.results} was made with other settings: {what}. Give this sweep another "
+                               f"--output, or move those results away")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +352,7 @@ def describe(job):
 def run_local(passes, jobs=1):
     """The jobs on this machine, `jobs` at a time (each job's runs in order); one pass after the other."""
     statuses = []
+    STOP.clear()  # a Ctrl-C ended an earlier sweep of this process, not this one
     for pass_jobs in passes:
         with ThreadPoolExecutor(jobs) as pool:
             futures = [pool.submit(SweepJob(runs, echo=jobs == 1)) for runs in pass_jobs]
@@ -378,14 +399,15 @@ def run_submitit(passes, args, cluster="slurm"):
     executor.update_parameters(name="prompt-sweep", timeout_min=args.slurm_time, gpus_per_node=args.slurm_gpus_per_job,
                                cpus_per_task=args.slurm_cpus_per_job, slurm_partition=args.slurm_partition,
                                slurm_array_parallelism=args.slurm_array_parallelism)
-    submitted = []  # (jobs, their runs) per pass
+    submitted, statuses, collected = [], [], 0  # (jobs, their runs) per pass; passes already waited for
     for pass_jobs in passes:
         after = ""
         if submitted and cluster == "slurm":  # the second pass starts once the first has ended, however it ended
             executor.update_parameters(slurm_dependency=f"afterany:{array_id(submitted[-1][0])}")
             after = f", starting after job {array_id(submitted[-1][0])} ends"
         elif submitted:  # the local executor knows no dependencies: wait here
-            collect(*submitted[-1])
+            statuses += collect(*submitted[-1])
+            collected = len(submitted)
         try:
             with executor.batch():
                 jobs = [executor.submit(SweepJob(runs)) for runs in pass_jobs]
@@ -401,7 +423,7 @@ def run_submitit(passes, args, cluster="slurm"):
     print(f"job logs: {folder.parent}/<job id>/ (submitit), one log per run under {Path(args.output).absolute() / 'logs'}/")
     if not args.wait and cluster == "slurm":
         return None
-    return [status for jobs, pass_jobs in submitted for status in collect(jobs, pass_jobs)]
+    return statuses + [status for jobs, pass_jobs in submitted[collected:] for status in collect(jobs, pass_jobs)]
 
 
 def collect(jobs, pass_jobs):
@@ -412,7 +434,9 @@ def collect(jobs, pass_jobs):
         try:
             statuses += [(run, status, run.log) for run, status in job.result()]
         except Exception as err:  # whatever ended the job, the runs' results.json files say what was done
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            # submitit's FailedJobError: a fixed first line, the job's traceback, its last line the error
+            lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            reason = lines[-1].strip()[:200]
             statuses += [(run, "ok" if run.done() else f"failed (job {job.job_id}: {reason})", job.paths.stderr)
                          for run in runs]
     return statuses
@@ -476,7 +500,7 @@ def run_grid(args, extra, cluster="slurm"):
           f"{len(todo_runs)} to run in {sum(len(jobs) for jobs in todo)} job(s)")
     tried = [run for run in todo_runs if run.log.exists()]
     for run in tried:
-        print(f"  ran before without results (failed or interrupted): {run.name}  log: {run.log}")
+        print(f"  ran before without results (failed, interrupted, or still running): {run.name}  log: {run.log}")
     if not todo:
         return 0
     if args.launcher == "slurm":

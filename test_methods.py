@@ -2358,7 +2358,7 @@ class TestSweeps:
         results = finished(runs)
         assert len(results) == 3 and {r["seed"] for r in results.values() if r["method"] == "coop"} == {1, 2}
         killed = runs / "logs/coop/eurosat/base2new/shots_1_seed_1.log"
-        assert f"ran before without results (failed or interrupted): coop eurosat base2new 1-shot seed 1  log: {killed}" \
+        assert f"ran before without results (failed, interrupted, or still running): coop eurosat base2new 1-shot seed 1  log: {killed}" \
             in out
         assert killed.read_text().count("$ ") == 2  # the killed attempt, then the one that finished
 
@@ -2442,12 +2442,32 @@ class TestSweeps:
         assert [status for _, status in jobs["4243_9"]()] == ["skipped (results exist)"] * 2
         assert "4242_0 .. 4242_1" in out and "4243_0 .. 4243_10" in out and str(runs / "submitit") in out
 
+    def test_a_finished_run_of_other_settings_is_not_taken_for_this_sweeps(self, tmp_path, capsys):
+        runs = tmp_path / "runs"
+        write_fake_result(runs, "coop", "fewshot", 1, 1, {"accuracy": 1.0})
+        path = runs / "coop/eurosat/fewshot/shots_1/seed_1/results.json"
+        argv = ["run", "--methods", "coop", "--shots", "1", "--seeds", "1", "--output", str(runs), "--", "--backbone",
+                "tiny", "--pretrained", "none", "--epochs", "1"]
+        for backbone, epochs, output in (("RN50", 50, "elsewhere"), ("tiny", 1, "elsewhere")):
+            result = json.loads(path.read_text())
+            result["config"] = {"backbone": backbone, "epochs": epochs, "output": output, "workers": 99}
+            path.write_text(json.dumps(result))
+            if backbone == "RN50":
+                with pytest.raises(SystemExit) as exit_:
+                    sweep.main(argv)
+                message = str(exit_.value.code)
+                assert "--backbone RN50 (this sweep: tiny), --epochs 50 (this sweep: 1)" in message, message
+            else:  # the same settings, run elsewhere with other workers: finished
+                sweep.main(argv)
+                assert "1 with results (skipped); 0 to run" in capsys.readouterr().out
+
     @pytest.mark.parametrize("argv,message", [
         (["--methods", "coop", "nosuch"], "invalid choice: 'nosuch'"),
         (["--datasets", "eurosat", "nosuchset"], "unknown dataset 'nosuchset'"),
         (["--shots", "0"], "0 is not a positive number"),
         (["--", "--sh=4"], "the sweep sets --shots itself"),
         (["--", "--zero-shot"], "the sweep sets --zero-shot itself"),
+        (["--", "--load-prompt", "prompt.pt"], "a sweep trains its prompts"),
         (["--", "--no-such-flag"], "coop.py refuses the command of zsclip eurosat fewshot 1-shot seed 1: "),
         (["--methods", "mopd", "--datasets", "imagenet_a", "--shots", "1"], "no official MoPD setting"),
         (["--launcher", "slurm"], "sbatch and srun not found on PATH"),
