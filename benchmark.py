@@ -77,15 +77,20 @@ def subset_root(args, root):
     """A data root whose split file keeps the first --images test images of --dataset (images linked, not
     copied): memory does not grow with the number of test images, the run time does."""
     src = data.DATASETS[data.canonical_name(args.dataset)]
-    if not args.images or not src.split:
+    if not args.images:
         return args.data_root
+    if not src.split:
+        raise SystemExit(f"--images {args.images}: {args.dataset} has no split file to cut; pass --images 0 (all)")
     split_file = Path(data._split_file(data.canonical_name(args.dataset), os.path.abspath(args.data_root), False))
     split = json.loads(split_file.read_text())
     split["test"] = split["test"][:args.images]
     (root / src.folder).mkdir(parents=True, exist_ok=True)
-    link = root / src.folder / src.images
-    if not link.exists():
-        link.symlink_to(Path(args.data_root).resolve() / src.folder / src.images)
+    source = Path(args.data_root).resolve() / src.folder
+    # the image folder, or every entry of the dataset's folder where the images lie in it (images="")
+    for entry in [source / src.images] if src.images else [e for e in source.iterdir() if e.name != split_file.name]:
+        link = root / src.folder / entry.relative_to(source)
+        if not link.exists():
+            link.symlink_to(entry)
     (root / src.folder / split_file.name).write_text(json.dumps(split))
     return str(root)
 
@@ -103,28 +108,34 @@ def memory(args, root):
     weights, data_root = random_weights_file(args.backbone, root), subset_root(args, root / "data")
     runs = {}
     for label in ("cold", "warm"):
-        proc = subprocess.Popen([sys.executable, "coop.py", *coop_argv(args, weights, data_root, root / "cache",
-                                                                         root / f"runs_{label}")],
-                                cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        start = time.perf_counter()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
+        log = root / f"{label}.log"  # a file, not a pipe: a long run's progress bars would fill a pipe and block
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "coop.py", *coop_argv(args, weights, data_root, root / "cache",
+                                                                             root / f"runs_{label}")],
+                                    cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=stderr)
+            start = time.perf_counter()
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
         runs[label] = {"peak_mb": usage.ru_maxrss // 1024, "seconds": time.perf_counter() - start,
                        "exit": os.waitstatus_to_exitcode(status)}
+        if runs[label]["exit"] != 0:
+            raise SystemExit(f"the {label} coop.py run failed: {log.read_text().strip().splitlines()[-1:]} ({log})")
     phases = subprocess.run([sys.executable, __file__, "--memory-phases", "--backbone", args.backbone, "--dataset",
                              args.dataset, "--shots", str(args.shots), "--data-root", data_root, "--workers",
-                             str(args.workers), "--output", str(root / "phases")],
+                             str(args.workers), "--output", str(root)],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
-    return {"runs": runs, "phases": json.loads(phases.stdout.strip().splitlines()[-1]) if phases.returncode == 0
-            else phases.stderr.strip().splitlines()[-3:], "test_images": args.images or "all",
-            "weights_file_mb": weights.stat().st_size // 2**20}
+    if phases.returncode != 0:
+        raise SystemExit(f"the phases run failed: {phases.stderr.strip().splitlines()[-3:]}")
+    return {"runs": runs, "phases": json.loads(phases.stdout.strip().splitlines()[-1]),
+            "test_images": args.images or "all", "weights_file_mb": weights.stat().st_size // 2**20}
 
 
 def memory_phases(args):
-    """Run in a fresh interpreter by memory(): the peak of each phase of a cold coop.py run, in order."""
-    root = Path(args.output)
-    weights = random_weights_file(args.backbone, root)
+    """Run in a fresh interpreter by memory(): the peak of each phase of a cold coop.py run, in order, on
+    memory()'s weights file (--output: memory()'s folder) and a cache of its own."""
     now, _ = rss_mb()
     phases = {"imports (torch, torchvision, open_clip)": {"peak_mb": now, "after_mb": now}}
+    weights = Path(args.output) / f"{args.backbone}_random_weights.bin"
+    root = Path(args.output) / "phases"
 
     def phase(name, fn):
         reset_peak()
@@ -154,11 +165,11 @@ def grid(args, root):
     sharing one feature cache, a (shots, seed)'s methods one after the other. The official code passes every
     training image through the tower in every epoch of every run (KDPL: through both towers) and the test
     set once per run. The target here: one pass per distinct (tower, image, view) and one test pass per
-    (tower, dataset). KDPL's teacher is another random tower (tiny-wide, or ViT-B-16) with --teacher-eval off,
+    (tower, dataset). KDPL's teacher is another random tower (tiny-wide, or ViT-L-14) with --teacher-eval off,
     as the official code never scores the teacher; DeMul uses --llm minilm. The grid then runs once more (warm),
     on the filled cache."""
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
-    teacher = "tiny-wide" if args.backbone == "tiny" else "ViT-B-16"
+    teacher = {"tiny": "tiny-wide", "ViT-L-14": "ViT-B-16"}.get(args.backbone, "ViT-L-14")  # another tower
     flags = {"kdpl": ["--teacher", teacher, "--teacher-pretrained", "none", "--teacher-eval", "off"],
              "demul": ["--llm", "minilm", "--pretrain-names", "1000"]}
     runs, pairs, wall = {"cold": [], "warm": []}, set(), {}
@@ -196,7 +207,7 @@ def grid_run(args, root, name, ds, method, shots, seed, flags):
            "--output", str(out), "--workers", str(args.workers), "--device", "cpu", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(next(out.rglob("results.json")).read_text())
 
 

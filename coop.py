@@ -93,11 +93,11 @@ def coop_loss(model, image_feats, labels):
 
 def saved_model(task, saved):
     """The CoOp of a --load-prompt file (a class-specific context only for its own classes)."""
-    if saved["csc"] and saved["classnames"] != task.classnames:
+    if saved["csc"] and any(ev.classnames != saved["classnames"] for ev in task.evals.values()):
         raise common.UserError(f"--load-prompt holds a class-specific context for {len(saved['classnames'])} other "
                                f"classes; it can only be evaluated on the classes it was trained on")
     model = CoOp(task.clip, saved["classnames"] if saved["csc"] else task.classnames, saved["n_ctx"],
-                 position=saved["position"], csc=saved["csc"])
+                 position=saved["position"], csc=saved["csc"], gen=common.generator(task.seed, "context init"))
     model.ctx.data.copy_(saved["ctx"])
     return model
 

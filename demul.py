@@ -3,26 +3,22 @@ Lee, Shin, Park. ICLR 2025, arXiv 2507.07147. No public code. Sources: the abstr
 OpenReview reviews (https://openreview.net/forum?id=NDLmZZWATc, reviewers R1-R5), third-party write-ups; the
 method section could not be read: every choice they do not state is marked "# reconstruction:" where made.
 
-A frozen LLM embedder h embeds each class *name* (no generated descriptions). M learnable prompts, their
-context shared by all classes (R3), give CLIP text features t_ij = g([V_j] [CLASS_i] .). An MLP phi maps
-CLIP text space to the LLM space and psi maps back:
+A frozen LLM embedder h embeds each class *name* (no generated descriptions). M learnable prompts, their context
+shared by all classes (R3), give t_ij = g([V_j] [CLASS_i] .). An MLP phi maps CLIP text space to h's, psi maps back:
   stage 1: phi, psi pre-trained on class names D_name (WordNet nouns) to align g(n) with h(n) and to
            reconstruct cyclically, so that phi preserves directions;
   stage 2: psi frozen; prompts V, phi and per-class prompt weights w_ij train on the few-shot set:
     L = L_cls(sum_j w_ij . prompt j) + alpha L_distill + beta L_cyc + lambda L1(w)
     L_distill = mean_ij 1 - cos(phi(t_ij), h(name_i))          (angular distance in LLM space)
-    L_cyc     = mean_ij 1 - cos(psi(phi(sg t_ij)), sg t_ij)    (R1: Algorithm 1 line 7 passes the text
-                                                                 features "through the encoder again")
-Stated by the sources: frozen f, g, h; h = OpenAI text-embedding-3-large (write-ups); MLP phi/psi (R3)
-pre-trained on WordNet names with a cyclic loss, psi frozen afterwards (write-ups); angular distillation of
-phi(t_ij) to h(name_i); per-class weights with sum_j w_ij = 1 (R4) and an L1 penalty of fixed weight
-(reviews); prompts sampled per step to save memory when M is large (write-ups); few-shot on ViT-B/16.
+    L_cyc     = mean_ij 1 - cos(psi(phi(sg t_ij)), sg t_ij)    (R1: Algorithm 1 line 7, "through the encoder again")
+Stated by the sources: frozen f, g, h; h = OpenAI text-embedding-3-large; MLP phi/psi (R3) pre-trained on
+WordNet names with a cyclic loss, psi frozen afterwards; angular distillation of phi(t_ij) to h(name_i); per-class
+weights with sum_j w_ij = 1 (R4) and a fixed-weight L1 penalty; prompts sampled per step to save memory when M
+is large; few-shot on ViT-B/16.
 Reconstructed:
-  * loss forms: 1 - cos for distillation, alignment and both cycles. sg = stop-gradient: the stage-2 cycle
-    keeps phi invertible by the frozen psi; letting it reach the prompts would also pull them toward fixed
-    points of psi(phi(.)), which no source describes.
-  * w_ij = |a_ij| / sum_j |a_ij| from free raw weights a (start 1/M), without weight decay (w ignores the
-    scale of a: decay would only raise its effective learning rate).
+  * loss forms: 1 - cos for distillation, alignment and both cycles. sg = stop-gradient: the stage-2 cycle keeps
+    phi invertible by the frozen psi, without pulling the prompts toward fixed points of psi(phi(.)).
+  * w_ij = |a_ij| / sum_j |a_ij| from free raw weights a (start 1/M), no weight decay (w ignores a's scale).
   * --l1 raw (default, the sources' literal reading): lambda mean_i ||a_i||_1. Not inert although w ignores
     the scale: the step -lr lambda sign(a) soft-thresholds, e.g. w = a = (.30,.25,.20,.15,.10) becomes
     (.40,.30,.20,.10,0) after 10 steps of .01; R4's remark that the plotted weights sum to more than 1 fits
@@ -31,11 +27,11 @@ Reconstructed:
     t_ij / ||t_ij||), R4's reading of the code. Which gives the paper's numbers is unknown (no code).
   * starts: every prompt N(0, 0.02^2) from the run's seeded generator, symmetric: the abstract aims at "eliminating
     the need for discrete pre-defined templates". --ctx-init WORDS starts prompt 1 from words instead.
-  * M = 5 (R4: Fig. 5 plots five weights); all M prompts every step, as sampling is described as a memory
-    device for large M and its rule is unknown (--prompts-per-step M' < M: uniform without replacement).
-  * stage 1: names as "a photo of a {}.", 20k-name subsample (seed 0) of WordNet + the class names, Adam
-    1e-3, 10 epochs, batch 256, 2-layer GELU MLPs of width 1024; n_ctx = 4, alpha = beta = 1, lambda = 0.1;
-    CoOp's optimiser, schedule and epochs per shot; base2new: unseen classes get uniform weights
+  * M = 5 (R4: Fig. 5 plots five weights), all every step: sampling is a memory device for large M, its rule
+    unknown (--prompts-per-step M' < M: uniform without replacement).
+  * stage 1: names as "a photo of a {}.", 20k-name subsample (seed 0) of WordNet + the class names, Adam 1e-3,
+    10 epochs, batch 256, 2-layer GELU MLPs of width 1024; n_ctx = 4, alpha = beta = 1, lambda = 0.1; CoOp's
+    optimiser, schedule and epochs per shot; base2new: unseen classes get uniform weights
 
     python demul.py --dataset eurosat --shots 1                      # needs OPENAI_API_KEY (paper's h)
     python demul.py --dataset eurosat --shots 1 --llm minilm         # offline stand-in for h
@@ -73,14 +69,12 @@ def parse_args(argv=None):
                    help="M' < M prompts sampled per step (bounds memory when M is large); 0 = all M; tests use all M")
     p.add_argument("--n-ctx", type=int, default=4, help="context tokens per prompt")  # reconstruction
     p.add_argument("--ctx-init", default="",  # reconstruction: symmetric starts, no template (docstring)
-                   help='"" = every prompt starts at random, N(0, 0.02^2): symmetric, no template; WORDS = prompt 1 '
-                        'starts from these words')
+                   help='"": every prompt starts at random, N(0, 0.02^2); WORDS: prompt 1 starts from these words')
     p.add_argument("--combine", default="prob", choices=["prob", "embed"],  # Eq. 4 as R4 quotes it
                    help="prob: average the prompts' class probabilities (Eq. 4 as a reviewer quotes it); embed: "
                         "average their text embeddings (that reviewer's reading of the code)")
     p.add_argument("--l1", default="raw", choices=["raw", "ratio"],  # reconstruction (docstring)
-                   help="raw: lambda ||a_i||_1 on the raw weights a, w = |a| / sum |a| (the sources' literal reading; "
-                        "soft-thresholds small weights to 0); ratio: lambda ||a_i||_1 / ||a_i||_2 (scale-free)")
+                   help="raw: lambda ||a_i||_1 on the raw weights a, w = |a| / sum |a|; ratio: ||a_i||_1 / ||a_i||_2")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of L_distill")  # reconstruction: values unseen
     p.add_argument("--beta", type=float, default=1.0, help="weight of L_cyc")  # reconstruction
     p.add_argument("--lam", type=float, default=0.1,  # reconstruction: a fixed constant (reviews), value unseen
@@ -121,10 +115,8 @@ class LLMEmbedder:
         return F.normalize(torch.stack([stored[n] for n in names]).float(), dim=-1)
 
     def _read(self):
-        """{name: fp16 embedding} on disk ({} before the first call)."""
-        if not self.path.exists():
-            return {}
-        stored = torch.load(self.path)
+        """{name: fp16 embedding} on disk."""
+        stored = torch.load(self.path) if self.path.exists() else {"names": [], "vecs": []}
         return dict(zip(stored["names"], stored["vecs"]))
 
     def _merge(self, new):
@@ -243,7 +235,7 @@ class DeMul(nn.Module):
         self.ctx = nn.Parameter(ctx)
         # reconstruction: raw weights a_ij, w_ij = |a_ij| / sum_j |a_ij|, uniform start (see prompt_weights)
         self.raw_weights = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
-        self.phi, self.psi = phi, psi and psi.requires_grad_(False)  # psi frozen in stage 2 (write-ups)
+        self.phi, self.psi = phi, psi if psi is None else psi.requires_grad_(False)  # psi frozen in stage 2
 
     def text_features(self, classnames, idx):
         """t_ij for the prompts idx: (C, len(idx), D); one text-tower pass over all C x M' prompts."""
@@ -260,8 +252,7 @@ def prompt_weights(raw_weights, idx=None):
 
 
 def class_weights(model, classnames):
-    """w_i of each class: learned for a training class, uniform for a class never trained (reconstruction:
-    base-to-new's new classes, another dataset's classes)."""
+    """w_i of each class: learned for a training class, uniform for one never trained (reconstruction)."""
     learned = dict(zip(model.classnames, prompt_weights(model.raw_weights.detach())))
     uniform = torch.full((model.ctx.shape[0],), 1.0 / model.ctx.shape[0], device=model.ctx.device)
     return torch.stack([learned.get(name, uniform) for name in classnames])
@@ -310,8 +301,9 @@ def run(args, seed):
     clip, all_prompts = task.clip, list(range(args.n_prompts))
     saved = task.load_prompt("demul")
     combine = saved["combine"] if saved else args.combine  # a saved prompt is scored the way it was trained
+    init_gen = common.generator(seed, "context init")
     if saved:  # evaluate the saved prompts and weights: no LLM, no stage 1
-        model = DeMul(clip, saved["classnames"], len(saved["ctx"]), saved["n_ctx"])
+        model = DeMul(clip, saved["classnames"], len(saved["ctx"]), saved["n_ctx"], gen=init_gen)
         model.ctx.data.copy_(saved["ctx"])
         model.raw_weights.data.copy_(saved["raw_weights"])
         extra = {"loaded_from": args.load_prompt, "combine": combine}
@@ -320,8 +312,7 @@ def run(args, seed):
         phi, psi, pre = load_or_pretrain(clip, llm, name_set(args, task.dataset.classnames), args)
         print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
         targets = llm(task.classnames).to(clip.device)  # h(name_i)
-        model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi,
-                      gen=common.generator(seed, "context init"))
+        model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi, gen=init_gen)
         m, gen = args.prompts_per_step or args.n_prompts, common.generator(seed, "prompt sampling")
 
         def sample():  # reconstruction: M' of the M prompts, uniformly without replacement (all when M' = M)

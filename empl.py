@@ -181,7 +181,7 @@ class EMPL(nn.Module):
 
     def mean_logits(self, image_feats, classnames):
         """Logits of the learned context itself, without sampling (CoOp's classifier), in fp32."""
-        return logits(image_feats[None], self.prompts(classnames).features(self.ctx)[None], self.clip.logit_scale)[0]
+        return common.cosine_logits(image_feats, self.prompts(classnames).features(self.ctx), self.clip.logit_scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,9 +258,8 @@ def open_vocabulary(spec, dataset_names, pool, seed):
         words = list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES)
     else:
         words = data.read_names(spec)
-    key = lambda name: " ".join(name.replace("_", " ").split()).lower()  # as ClassPrompts will spell it
-    taken = {key(n) for n in dataset_names}
-    words = [w for w in words if key(w) not in taken]
+    taken = {data.prompt_key(n) for n in dataset_names}  # as the tokenizer sees them: "Forest" = "forest"
+    words = [w for w in words if data.prompt_key(w) not in taken]
     if not words:
         raise common.UserError(f"the vocabulary {spec!r} holds no word outside the dataset's class names")
     if 0 < pool < len(words):
@@ -281,14 +280,18 @@ def initial_context(args, clip):
         ctx = saved["ctx"]
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise common.UserError(f"--init-from {args.init_from}: not a coop.py prompt.pt ({err})") from None
+    if saved.get("method", "coop") != "coop":
+        raise common.UserError(f"--init-from {args.init_from} was written by {saved['method']}; give a coop.py "
+                               f"prompt.pt (the paper starts EMPL from a trained CoOp)")
     if saved.get("csc") or ctx.dim() != 2:
         raise common.UserError(f"--init-from {args.init_from} holds a class-specific context; EMPL needs a shared "
                                f"one (train coop.py without --csc)")
     trained_with = (saved.get("backbone"), saved.get("weights"), saved.get("activation", clip.activation))
     if ctx.shape[1] != clip.ctx_dim or trained_with != (clip.backbone, clip.weights, clip.activation):
         raise common.UserError(f"--init-from {args.init_from} was trained with {saved.get('backbone')} "
-                               f"({saved.get('weights')}, width {ctx.shape[1]}); this run uses {clip.backbone} "
-                               f"({clip.weights}, width {clip.ctx_dim}): train coop.py with the same backbone")
+                               f"({saved.get('weights')}, {trained_with[2]}, width {ctx.shape[1]}); this run uses "
+                               f"{clip.backbone} ({clip.weights}, {clip.activation}, width {clip.ctx_dim}): train "
+                               f"coop.py with the same backbone, weights and activation")
     return ctx, saved.get("position", "end")
 
 
@@ -313,6 +316,7 @@ def run(args, seed):
                                                   "term": args.unseen_term, "lam": args.lam}}
 
     without = task.evaluate(lambda names, feats: model.mean_logits(feats, names))  # the learned context, no SGLD
+    task.times["evaluation_without_sampling_s"] = task.times["evaluation_s"]  # the next evaluate() sets its own
     condition = task.train_features(0) if args.test_condition == "train" else None
     eval_gen, sampled = common.generator(seed, "test chains"), []
 

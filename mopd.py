@@ -229,9 +229,12 @@ def model_loss(model, image_feats, labels, w, w2, tau):
                      labels, model.top_t, w, w2, tau)
 
 
-def saved_model(task, saved, teacher):
-    """The MoPD of a --load-prompt file: its student context (inference uses the student only)."""
-    model = MoPD(task.clip, task.classnames, teacher, saved["top_t"])
+def saved_model(task, saved):
+    """The MoPD of a --load-prompt file: its student context. Inference uses the student only, so the
+    teachers are not encoded (zeros of their shape hold their place)."""
+    unused_teacher = torch.zeros(len(saved["templates"]), len(task.classnames), task.clip.embed_dim,
+                                 device=task.clip.device)
+    model = MoPD(task.clip, task.classnames, unused_teacher, saved["top_t"])
     model.ctx, model.n_ctx = nn.Parameter(saved["ctx"]), saved["n_ctx"]
     return model
 
@@ -258,12 +261,12 @@ def gate_report(model, image_feats, labels, templates, hyper):
 def run(args, seed):
     out = common.claim_run_dir(args, "mopd", seed)
     task = common.prepare(args, seed)
-    teacher = pool_features(task.clip, args.templates, task.classnames)
     hyper = dict(w=args.w, w2=args.w2, tau=args.tau)
     saved = task.load_prompt("mopd")
     if saved:
-        model, extra = saved_model(task, saved, teacher), {"loaded_from": args.load_prompt}
+        model, extra = saved_model(task, saved), {"loaded_from": args.load_prompt}
     else:
+        teacher = pool_features(task.clip, args.templates, task.classnames)
         model = MoPD(task.clip, task.classnames, teacher, args.top_t, args.ctx_init)
         stats = task.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, **hyper)[0],
                          desc="MoPD")

@@ -420,7 +420,8 @@ def run_submitit(passes, args, cluster="slurm"):
         for job, runs in zip(jobs, pass_jobs):
             print(f"  {job.job_id}  {describe(runs)}")
         submitted.append((jobs, pass_jobs))
-    print(f"job logs: {folder.parent}/<job id>/ (submitit), one log per run under {Path(args.output).absolute() / 'logs'}/")
+    logs = Path(args.output).absolute() / "logs"
+    print(f"job logs: {folder.parent}/<job id>/ (submitit), one log per run under {logs}/")
     if not args.wait and cluster == "slurm":
         return None
     return statuses + [status for jobs, pass_jobs in submitted[collected:] for status in collect(jobs, pass_jobs)]

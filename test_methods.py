@@ -1404,6 +1404,14 @@ class TestCoOp:
         assert res["eval_classnames"]["dtd"] == names and res["eval_classnames"]["all"] == EUROSAT_NAMES
         proc = run_cli("coop.py", *args, "--csc")
         assert proc.returncode != 0 and "--eval-on" in proc.stderr
+        # a class-specific prompt trained on EuroSAT is refused for DTD's classes, with one message
+        csc_args = args[:args.index("--eval-on")]
+        trained = tmp_path / "csc"
+        csc_args[csc_args.index("--output") + 1] = str(trained)
+        assert run_cli("coop.py", *csc_args, "--csc").returncode == 0
+        proc = run_cli("coop.py", *args, "--load-prompt", str(next(trained.rglob("prompt.pt"))))
+        assert proc.returncode != 0 and "class-specific context for 10 other classes" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
     def test_the_random_initial_context_comes_from_the_runs_own_generator(self, clip):
         def context(seed, global_seed):
@@ -2240,6 +2248,8 @@ class TestEMPL:
         assert torch.equal(got, ctx) and position == "middle" and capsys.readouterr().out == ""
         for name, change, message in [("csc.pt", {"ctx": torch.randn(3, 4, clip.ctx_dim), "csc": True}, "class-specific"),
                                       ("wide.pt", {"ctx": torch.randn(4, 128), "backbone": "tiny-wide"}, "tiny-wide"),
+                                      ("gelu.pt", {"activation": "QuickGELU"}, "random, QuickGELU, width"),
+                                      ("mopd.pt", {"method": "mopd"}, "written by mopd"),
                                       ("junk.pt", None, "not a coop.py prompt.pt")]:
             torch.save(dict(saved, **change) if change else {"weights": 1}, tmp_path / name)
             with pytest.raises(common.UserError, match=message):
