@@ -280,9 +280,9 @@ def initial_context(args, clip):
         ctx = saved["ctx"]
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise common.UserError(f"--init-from {args.init_from}: not a coop.py prompt.pt ({err})") from None
-    if saved.get("method", "coop") != "coop":
+    if saved.get("method", "coop") not in ("coop", "empl"):  # a shared context like CoOp's: either one
         raise common.UserError(f"--init-from {args.init_from} was written by {saved['method']}; give a coop.py "
-                               f"prompt.pt (the paper starts EMPL from a trained CoOp)")
+                               f"prompt.pt (the paper starts EMPL from a trained CoOp) or an empl.py one")
     if saved.get("csc") or ctx.dim() != 2:
         raise common.UserError(f"--init-from {args.init_from} holds a class-specific context; EMPL needs a shared "
                                f"one (train coop.py without --csc)")
