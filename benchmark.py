@@ -9,6 +9,8 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     epochs on the real few-shot images; the test split gets placeholder features so that evaluation
     does not encode thousands of images: the accuracy of these runs is meaningless by construction);
   * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost);
+  * with --cocoop-cost, only CoCoOp's training step, evaluation and peak memory against CoOp's, for EuroSAT's
+    10 classes and ImageNet's 1,000 (see cocoop_cost);
   * with --memory, only memory: the peak resident memory of a cold and a warm coop.py run loading the
     backbone from a weights file, and of each phase of such a run (see memory);
   * with --grid, only the image-tower work of a small paper grid: passes made against the official code's,
@@ -17,6 +19,7 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --methods coop mopd kdpl demul empl
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-cost --repeats 2
+    python benchmark.py --backbone ViT-B-16 --cocoop-cost --repeats 2
     python benchmark.py --backbone ViT-B-32 --data-root ../shared/data --memory --images 1000
     python benchmark.py --backbone tiny --data-root ../shared/data --grid
 """
@@ -31,8 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 
+import cocoop
 import common
 import coop
 import data
@@ -276,7 +281,7 @@ def empl_cost(args, ds, clip, device):
     def train_step(params, loss_fn):
         opt = torch.optim.SGD(params, lr=0.002, momentum=0.9)
         def step():
-            with common.autocast(device, args.precision):
+            with common.autocast(device, clip.precision):
                 loss = loss_fn()
             opt.zero_grad()
             loss.backward()
@@ -291,18 +296,18 @@ def empl_cost(args, ds, clip, device):
     @torch.no_grad()
     def coop_eval():  # the official evaluation: every test batch encodes the C prompts again
         for batch in test.split(100):
-            with common.autocast(device, args.precision):
+            with common.autocast(device, clip.precision):
                 coop_model.logits(batch).float()
 
     stats = {}
     def empl_eval(chain, condition=None):
         def run():
-            with torch.no_grad(), common.autocast(device, args.precision):
+            with torch.no_grad(), common.autocast(device, clip.precision):
                 empl.predict(models[chain], names, test, 2, noise_gen, 100, condition, stats.setdefault(
                     (chain, condition is not None), {}))
         return run
 
-    with torch.no_grad(), common.autocast(device, args.precision):
+    with torch.no_grad(), common.autocast(device, clip.precision):
         image_pass = interleaved({"image_pass_32": lambda: clip.model.encode_image(images)}, args.repeats, device)
     steps = interleaved({"coop": train_step([coop_model.ctx], lambda: coop.coop_loss(coop_model, x, y)),
                          "empl_task": empl_step("task"), "empl_image": empl_step("image")}, args.repeats, device)
@@ -328,6 +333,84 @@ def empl_cost(args, ds, clip, device):
         "prompts_at_test_vs_coop": {k: v / prompts["coop"] for k, v in prompts.items() if k != "coop"}}
 
 
+COCOOP_SETTINGS = [  # (method, batch, classes, gradient checkpointing): a training step of each, in its own process
+    ("coop", 32, 10, False), ("cocoop", 1, 10, False), ("cocoop", 4, 10, False),
+    ("coop", 32, 1000, False), ("cocoop", 1, 1000, False), ("cocoop", 1, 1000, True), ("cocoop", 4, 1000, True),
+    ("cocoop", 4, 1000, False)]
+
+
+def cocoop_cost(args):
+    """CoCoOp against CoOp over cached features (random features: speed and memory do not depend on the values):
+    a training step (forward, backward, SGD) and the evaluation of --cocoop-test-images test images, for 10
+    classes (EuroSAT's size) and ImageNet's 1,000 (the first C ImageNet names), each setting in a fresh process so that its peak resident memory
+    is its own. CoOp encodes the C prompts once per step and once per evaluation; CoCoOp encodes C prompts per
+    image in both. Times are the worst of --repeats; memory is the process's peak minus what it held before."""
+    rows = []
+    for method, batch, classes, checkpointing in COCOOP_SETTINGS:
+        cmd = [sys.executable, __file__, "--cocoop-setting", method, str(batch), str(classes), str(int(checkpointing)),
+               "--backbone", args.backbone, "--device", args.device, "--precision", args.precision, "--repeats",
+               str(args.repeats), "--cocoop-test-images", str(args.cocoop_test_images)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+        if proc.returncode != 0:  # e.g. killed for memory: say so and go on with the next setting
+            rows.append({"method": method, "batch": batch, "classes": classes, "grad_checkpointing": checkpointing,
+                         "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def cocoop_setting(args):
+    """One setting of cocoop_cost, in this fresh process: prints one JSON line."""
+    method, batch, classes, checkpointing = args.cocoop_setting
+    batch, classes = int(batch), int(classes)
+    device = common.resolve_device(args.device)
+    clip = common.load_clip(args.backbone, "none", device, common.resolve_precision(args.precision, device))
+    clip.model.set_grad_checkpointing(checkpointing == "1")
+    names = list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES)[:classes]  # 10: EuroSAT's size, 1,000: ImageNet
+    model = (coop.CoOp(clip, names, n_ctx=None, ctx_init="a photo of a") if method == "coop"
+             else cocoop.CoCoOp(clip, names, seed=1))
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(batch, clip.embed_dim, generator=gen).to(device)
+    labels = torch.randint(classes, (batch,), generator=gen).to(device)
+    test = torch.randn(args.cocoop_test_images, clip.embed_dim, generator=gen).to(device)
+    opt = torch.optim.SGD(model.trainable(), lr=0.002, momentum=0.9)
+    loss_fn = coop.coop_loss if method == "coop" else cocoop.cocoop_loss
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with common.autocast(device, clip.precision):
+            loss = loss_fn(model, feats, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def evaluate():
+        with torch.no_grad(), common.autocast(device, clip.precision):
+            model.logits(test)
+
+    before, _ = rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak()
+    timings = {}
+    for name, fn in (("train_step_s", step), ("evaluation_s", evaluate)):
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        timings[name] = max(times)
+    _, peak = rss_mb()
+    print(json.dumps({"method": method, "batch": batch, "classes": classes, "grad_checkpointing": checkpointing == "1",
+                      "prompts_per_step": batch * classes if method == "cocoop" else classes,
+                      "test_images": len(test), **timings, "evaluation_s_per_image": timings["evaluation_s"] / len(test),
+                      "rss_before_mb": before, "step_peak_mb": peak, "step_extra_mb": peak - before,
+                      "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
@@ -343,6 +426,9 @@ def main():
     p.add_argument("--methods", nargs="*", default=[], help="also time these methods' training (coop mopd ...)")
     p.add_argument("--empl-cost", action="store_true", help="only EMPL's step and evaluation cost relative to CoOp's")
     p.add_argument("--empl-test-images", type=int, default=200, help="test images of --empl-cost's evaluation")
+    p.add_argument("--cocoop-cost", action="store_true", help="only CoCoOp's step, evaluation and memory against CoOp's")
+    p.add_argument("--cocoop-test-images", type=int, default=8, help="test images of --cocoop-cost's evaluation")
+    p.add_argument("--cocoop-setting", nargs=4, help=argparse.SUPPRESS)  # cocoop_cost's fresh interpreter
     p.add_argument("--memory", action="store_true", help="only memory: cold and warm coop.py runs and their phases "
                                                          "(--images N keeps N test images; 0 = all)")
     p.add_argument("--memory-phases", action="store_true", help=argparse.SUPPRESS)  # memory()'s fresh interpreter
@@ -351,6 +437,17 @@ def main():
     args = p.parse_args()
     if args.memory_phases:
         return memory_phases(args)
+    if args.cocoop_setting:
+        return cocoop_setting(args)
+    if args.cocoop_cost:
+        result = {"backbone": args.backbone, "device": args.device, "precision": args.precision,
+                  "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                  "repeats": args.repeats, "settings": cocoop_cost(args)}
+        out = Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     if args.memory or args.grid:
         root = Path(args.output) / "tmp" / str(time.time_ns())
         result = memory(args, root) if args.memory else grid(args, root)
@@ -361,7 +458,7 @@ def main():
         return
     device = common.resolve_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_root, download=False)
-    clip = common.load_clip(args.backbone, "none", device, args.precision)
+    clip = common.load_clip(args.backbone, "none", device, common.resolve_precision(args.precision, device))
     result = {"backbone": args.backbone, "dataset": ds.name, "device": str(device), "precision": clip.precision,
               "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -403,7 +500,7 @@ def main():
     result["steps_per_epoch"] = steps
 
     # text tower with and without the EOT cut (forward + backward through the context)
-    prompts = model.prompts(ds.classnames)
+    prompts = model.prompts
 
     def text_pass(pad):
         def run():

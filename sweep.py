@@ -47,8 +47,11 @@ HERE = Path(__file__).resolve().parent
 METHODS = {
     "zsclip": ("coop.py", ["--zero-shot"]),  # zero-shot CLIP with CoOp's dataset template
     "coop": ("coop.py", []),
-    "kdpl": ("kdpl.py", []),
+    "cocoop": ("cocoop.py", []),
+    "kdpl": ("kdpl.py", []),  # KDPL on its CoOp student
     "kdpl_ca": ("kdpl.py", ["--class-agnostic"]),
+    "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop"]),
+    "kdpl_ca_cocoop": ("kdpl.py", ["--student", "cocoop", "--class-agnostic"]),
     "mopd": ("mopd.py", []),
     "demul": ("demul.py", []),
     "empl": ("empl.py", []),
@@ -58,7 +61,7 @@ ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flow
           "sun397", "dtd", "eurosat", "ucf101"]
 # flags the sweep sets in every command, or that would file the results under another method
 SWEEP_FLAGS = ("--dataset", "--shots", "--seed", "--seeds", "--protocol", "--output", "--zero-shot",
-               "--class-agnostic")
+               "--class-agnostic", "--student")
 # settings that say where and how a run ran, not what it computed: a finished run may differ in them
 PLACE_SETTINGS = {"output", "cache_dir", "data_root", "no_download", "workers", "device", "overwrite", "seed", "seeds"}
 STOP = threading.Event()  # set on Ctrl-C: the local launcher's jobs start no further run

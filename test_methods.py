@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -32,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import cocoop
 import common
 import coop
 import data
@@ -143,7 +146,7 @@ def train_planted_coop(clip, detach=False, epochs=200):
     torch.manual_seed(0)
     model = coop.CoOp(clip, EUROSAT_NAMES, n_ctx=4)
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
-    prompts = model.prompts(EUROSAT_NAMES)
+    prompts = model.prompts
     train_x, train_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 4, seed=1)
     test_x, test_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 50, seed=2)
     before = common.accuracy(model.logits(test_x), test_y)
@@ -292,14 +295,24 @@ DISTRACTORS = ["piano", "volcano", "tennis ball", "submarine", "giraffe", "violi
                "chess board", "lantern", "kangaroo", "microscope"]
 
 
-def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10):
+def silent_cocoop(clip, names, ctx_init="a photo of a"):
+    """A CoCoOp whose Meta-Net starts silent (pi(x) = 0: its last layer zeroed), so that it starts where CoOp
+    with the same context starts: at chance on a planted task."""
+    model = cocoop.CoCoOp(clip, names, ctx_init=ctx_init, seed=1)
+    with torch.no_grad():
+        model.meta_net.linear2.weight.zero_(), model.meta_net.linear2.bias.zero_()
+    return model
+
+
+def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10, student="coop", batch_size=32):
     """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
     another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
     features lie near their class, so its zero-shot answer is right. Training sees no labels. With
     distractors, the training names are the true classes + names no image shows (KDPL-CA's dictionary),
     K of them are selected per batch, and the student is tested on the true classes only."""
     vocab = EUROSAT_NAMES + list(distractors)
-    student = kdpl.Student(clip, vocab, "a photo of a")
+    student = coop.kdpl_student(clip, vocab, SimpleNamespace(ctx_init="a photo of a"), seed=1) \
+        if student == "coop" else silent_cocoop(clip, vocab)
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
@@ -318,13 +331,14 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
             feats_t = feats_t[torch.randperm(len(feats_t), generator=shuffle)]
         return kdpl.kdpl_loss(student, teacher_text, feats_s, feats_t, k=k)
 
-    common.fit([student.ctx], loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs)
+    common.fit(student.trainable(), loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs,
+               batch_size=batch_size)
     with torch.no_grad():
         after = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
     return before, after, teacher_acc
 
 
-def fake_task(tmp_path, clip, names, labels, epochs=3):
+def fake_experiment(tmp_path, clip, names, labels, epochs=3):
     items = []
     for i, y in enumerate(labels):
         path = tmp_path / f"img{i}.png"
@@ -335,7 +349,7 @@ def fake_task(tmp_path, clip, names, labels, epochs=3):
     args = kdpl.parse_args(["--epochs", str(epochs), "--batch-size", "4", "--device", "cpu"])
     cache = common.FeatureCache(tmp_path / "cache", workers=0)
     ds = data.Dataset("fake", items, [], [], names, "a photo of a {}.")
-    return common.Task(args, 1, clip, ds, names, items, torch.tensor(labels), {}, cache, n_views=2)
+    return common.Experiment(args, 1, clip, ds, names, items, torch.tensor(labels), {}, cache, n_views=2)
 
 
 def kdpl_args(tmp_path, cache, *extra):
@@ -564,11 +578,13 @@ def fake_embed(self, names):
 
 
 # The cheapest flags that still run each method's whole path (teacher, LLM space, SGLD, gate).
-CHEAP_FLAGS = {"coop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+CHEAP_FLAGS = {"coop": [], "cocoop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "kdpl_cocoop": ["--student", "cocoop", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
                "mopd": ["--batch-size", "8"], "demul": ["--llm", "minilm", "--pretrain-names", "40",
                                                          "--pretrain-epochs", "1"],
                "empl": ["--vocab", "imagenet", "--vocab-pool", "50", "--sgld-steps", "1"]}
-METHODS = {"coop": coop, "kdpl": kdpl, "mopd": mopd, "demul": demul, "empl": empl}
+METHODS = {"coop": coop, "cocoop": cocoop, "kdpl": kdpl, "kdpl_cocoop": kdpl, "mopd": mopd, "demul": demul,
+           "empl": empl}
 
 
 def run_method(name, root, out, cache, *extra, monkeypatch=None):
@@ -640,7 +656,9 @@ def image_logits(model, gen_seed=0):
 
 FAIL_EARLY = {  # a cheap precondition of each method that fails
     "coop": (["--output", "{file}/runs"], "is a file, not a folder"),
+    "cocoop": (["--output", "{file}/runs"], "is a file, not a folder"),
     "kdpl": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "kdpl_cocoop": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "mopd": (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
     "demul": (["--llm", "openai:text-embedding-3-large"], "OPENAI_API_KEY"),
     "empl": (["--init-from", "{tmp}/coop_prompt.pt"], "does not exist"),
@@ -955,24 +973,72 @@ class TestCLIP:
         expected = common.encode_texts(clip, [template.format(n) for n in names])
         assert torch.allclose(prompts.features(ctx), expected, atol=1e-5)
 
-    @pytest.mark.parametrize("position", ["end", "middle", "front"])
-    def test_context_mask_marks_exactly_the_positions_the_context_fills(self, clip, position):
-        prompts = common.ClassPrompts(clip, ["Sea or Lake", "dog", "Annual Crop Land"], n_ctx=4, position=position)
-        rows = torch.tensor([2, 0])
-        for r in (None, rows):
-            moved = prompts.embed(torch.ones(4, clip.ctx_dim), r) != prompts.embed(torch.zeros(4, clip.ctx_dim), r)
-            assert torch.equal(prompts.context_mask(r), moved.any(-1, keepdim=True).float())
-            assert int(prompts.context_mask(r).sum()) == 4 * (3 if r is None else 2)
+    def test_section_1_of_common_is_a_unit_one_can_copy(self, clip, tmp_path):
+        """Section (1) of common.py and kdpl.py's loss functions, copied into an empty folder, reproduce
+        kdpl_loss and its gradient with nothing else of ours importable (no data.py, no rest of common)."""
+        text = (ROOT / "common.py").read_text()
+        start, end = text.index("\n# (1) "), text.index("\n# (2) ")
+        section = text[text.rindex("\n", 0, start - 1) + 1:text.rindex("\n", 0, end - 1) + 1]
+        header = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\nfrom dataclasses import dataclass\n"
+        (tmp_path / "common.py").write_text(header + section)
+        losses = f"KL_WEIGHTS = {kdpl.KL_WEIGHTS!r}\n\n" + "\n\n".join(
+            inspect.getsource(f) for f in (kdpl.select_classes, kdpl.symmetric_kl, kdpl.kdpl_loss))
+        (tmp_path / "kdpl_losses.py").write_text("import torch\nimport torch.nn.functional as F\nimport common\n\n" + losses)
+        torch.save(clip.model.state_dict(), tmp_path / "model.pt")
+        gen = torch.Generator().manual_seed(0)
+        ctx, s_feats, t_feats, t_text = (torch.randn(4, clip.ctx_dim, generator=gen), torch.randn(6, clip.embed_dim,
+                                         generator=gen), torch.randn(6, 96, generator=gen), torch.randn(5, 96, generator=gen))
+        torch.save({"ctx": ctx, "s_feats": s_feats, "t_feats": t_feats, "t_text": t_text}, tmp_path / "inputs.pt")
+        tiny, names = repr(common.TINY_CONFIGS["tiny"]), repr(EUROSAT_NAMES[:5])
+        script = textwrap.dedent(f"""
+            import sys, torch, open_clip
+            import common, kdpl_losses
+            try:
+                import data
+            except ImportError:
+                pass
+            else:
+                sys.exit("data.py is importable from the copy folder")
+            model = open_clip.CLIP(**{tiny})
+            model.load_state_dict(torch.load("model.pt"))
+            clip = common.Clip(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-16"))
 
-    def test_entering_the_text_tower_at_a_layer_gives_the_same_features(self, clip):
-        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
-        x = prompts.embed(torch.randn(4, clip.ctx_dim))
-        hidden = common.hidden_states(clip, x, layer=1)
-        via_hook = common.encode_hidden(clip, hidden, prompts.eot, layer=1)
-        assert torch.allclose(common.encode_hidden(clip, common.hidden_states(clip, x, 0), prompts.eot, 0), via_hook,
-                              atol=1e-5)
-        assert torch.allclose(via_hook, common.encode_text(clip, x, prompts.eot), atol=1e-5)
-        assert not torch.allclose(common.encode_hidden(clip, hidden * 1.1, prompts.eot, layer=1), via_hook)
+            class Student:  # CoOp's shared context over the training names: what a reader's own code would hold
+                def __init__(self, clip, names, ctx):
+                    self.clip, self.ctx = clip, ctx.requires_grad_(True)
+                    self.prompts = common.ClassPrompts(clip, names, len(ctx))
+                def logits(self, image_feats, rows=None):
+                    return common.cosine_logits(image_feats, self.prompts.features(self.ctx, rows), self.clip.logit_scale)
+            x = torch.load("inputs.pt")
+            student = Student(clip, {names}, x["ctx"])
+            loss = kdpl_losses.kdpl_loss(student, x["t_text"], x["s_feats"], x["t_feats"], 3)
+            loss.backward()
+            torch.save({{"loss": loss.detach(), "grad": student.ctx.grad}}, "out.pt")
+            """)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        copied = torch.load(tmp_path / "out.pt")
+        student = coop.CoOp(clip, EUROSAT_NAMES[:5], n_ctx=4)
+        student.ctx.data.copy_(ctx)
+        loss = kdpl.kdpl_loss(student, t_text, s_feats, t_feats, 3)
+        loss.backward()
+        assert torch.equal(copied["loss"], loss.detach()) and torch.equal(copied["grad"], student.ctx.grad)
+
+    def test_every_method_scores_with_clips_one_classifier(self, clip):
+        """MoPD's teachers, DeMul's prompts and EMPL's chains go through common.cosine_logits, bit for bit (a
+        classifier of their own, s * einsum(...), differs in the last bits: the scale is applied after the product)."""
+        gen = torch.Generator().manual_seed(0)
+        x, s = torch.randn(8, clip.embed_dim, generator=gen), clip.logit_scale
+        teachers = torch.randn(3, 5, clip.embed_dim, generator=gen)                           # (H, C, D)
+        model = mopd.MoPD(clip, EUROSAT_NAMES[:5], teachers, top_t=2)
+        assert torch.equal(model.teacher_logits(x), common.cosine_logits(x, teachers.flatten(0, 1), s).view(8, 3, 5))
+        text, w = torch.randn(5, 4, clip.embed_dim, generator=gen), torch.rand(5, 4, generator=gen)  # (C, M, D)
+        per_prompt = common.cosine_logits(x, text.flatten(0, 1), s).view(8, 5, 4).log_softmax(dim=1)
+        assert torch.equal(demul.combined_logits(x, text, w, s, "prob"),
+                           torch.logsumexp(per_prompt + w.clamp_min(1e-12).log(), dim=2))
+        X, g = torch.randn(2, 8, clip.embed_dim, generator=gen), torch.randn(2, 5, clip.embed_dim, generator=gen)
+        assert torch.equal(empl.logits(X, g, s), torch.stack([common.cosine_logits(X[k], g[k], s) for k in range(2)]))
 
     def test_class_specific_context_gives_each_class_its_own_prompt(self, clip):
         prompts = common.ClassPrompts(clip, ["cat", "dog"], n_ctx=2)
@@ -1048,7 +1114,7 @@ class TestTraining:
         assert stats["lr_per_epoch"] == pytest.approx(expected) and stats["steps_per_epoch"] == 2
 
     def test_every_epoch_reads_its_own_view_or_cycles_k_views(self, clip, tmp_path):
-        task = fake_task(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+        task = fake_experiment(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
         fresh = [dataclasses.replace(task, n_views=0).train_features(e) for e in range(3)]  # the official protocol
         assert all(not torch.allclose(fresh[i], fresh[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
         cycled = [dataclasses.replace(task, n_views=2).train_features(e) for e in range(3)]  # --aug-views 2
@@ -1157,8 +1223,9 @@ class TestFeatureCache:
         items = fake_items(tmp_path)
         cache = common.FeatureCache(tmp_path / "cache", workers=0)
         half = dataclasses.replace(clip, precision="bf16")
-        keys = {cache.path(c, "fake", "test").parent.parent.name for c in
-                (clip, half, dataclasses.replace(clip, device=torch.device("cuda")))}
+        on_cuda = SimpleNamespace(**{k: getattr(clip, k) for k in ("backbone", "weights", "activation", "image_size",
+                                                                     "precision")}, device=torch.device("cuda"))
+        keys = {cache.path(c, "fake", "test").parent.parent.name for c in (clip, half, on_cuda)}
         assert len(keys) == 3  # cpu-fp32, cpu-bf16, cuda-fp32 (TF32 convolutions) never share features
         images = torch.stack([common.test_transform(224)(Image.open(it.path).convert("RGB")) for it in items])
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1421,6 +1488,115 @@ class TestCoOp:
         assert not torch.equal(context(1, 0), context(2, 0))
 
 
+class TestCoCoOp:
+    """cocoop.py: the batched conditional prompts, the Meta-Net's conditioning, what trains, the planted task."""
+
+    def per_image_logits(self, model, feats, names=None):
+        """The official forward pass: per image, ctx + pi(f(x)/||f(x)||) in every class's prompt, C prompts
+        through the text tower, then CLIP's classifier for that image."""
+        prompts = common.ClassPrompts(model.clip, names or model.classnames, model.n_ctx)
+        rows = []
+        for x in feats:
+            ctx = model.ctx + model.meta_net(F.normalize(x, dim=-1))
+            rows.append(common.cosine_logits(x[None], prompts.features(ctx), model.clip.logit_scale)[0])
+        return torch.stack(rows)
+
+    def test_batched_logits_equal_the_official_per_image_loop(self, clip, monkeypatch):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        feats = torch.randn(7, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = self.per_image_logits(model, feats)
+            assert torch.allclose(model.logits(feats), expected, atol=1e-5)
+            monkeypatch.setattr(cocoop, "PROMPTS_PER_PASS", 12)  # 2 images of 5 prompts per text-tower pass
+            assert torch.allclose(model.logits(feats), expected, atol=1e-5)
+            names = ["Sea or Lake", "a very long name of some rare thing", "dog"]  # another class list
+            assert torch.allclose(model.logits(feats, names), self.per_image_logits(model, feats, names), atol=1e-5)
+            rows = torch.tensor([3, 0])  # KDPL's selected classes
+            assert torch.allclose(model.logits(feats, rows=rows), expected[:, rows], atol=1e-5)
+
+    def test_the_meta_net_gives_each_image_its_own_prompts(self, clip):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        plain = coop.CoOp(clip, EUROSAT_NAMES[:5], n_ctx=None, ctx_init="a photo of a")  # the same context, no pi
+        feats = torch.randn(2, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            shifted = [model.ctx + model.meta_net(F.normalize(x, dim=-1)) for x in feats]  # v_m(x) per image
+            text = [common.encode_text(clip, model.prompts.embed_per_image(v[None])[0], model.prompts.eot) for v in shifted]
+            assert not torch.allclose(text[0], text[1], atol=1e-4)  # two images, two sets of class prompts
+            assert not torch.allclose(model.logits(feats), plain.logits(feats), atol=1e-3)
+            silent = silent_cocoop(clip, EUROSAT_NAMES[:5])  # pi(x) = 0: CoOp's logits exactly
+            assert torch.allclose(silent.logits(feats), plain.logits(feats), atol=1e-5)
+
+    def test_only_the_context_and_the_meta_net_receive_gradients(self, clip):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        feats = torch.randn(3, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        cocoop.cocoop_loss(model, feats, torch.tensor([0, 3, 4])).backward()
+        assert len(model.trainable()) == 5  # ctx, linear1 weight and bias, linear2 weight and bias
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
+        assert model.meta_net.linear1.weight.shape == (clip.embed_dim // 16, clip.embed_dim)  # d_v -> d_v / 16
+        assert model.meta_net.linear2.weight.shape == (clip.ctx_dim, clip.embed_dim // 16)    # -> d (the context's)
+
+    def test_gradient_checkpointing_changes_no_number(self, clip, monkeypatch):
+        """--grad-checkpointing: the text tower's blocks are recomputed in the backward pass (open_clip's
+        checkpoint is called) and the loss and every gradient are bit-identical."""
+        calls = []
+        original = open_clip.transformer.checkpoint
+        monkeypatch.setattr(open_clip.transformer, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+        feats = torch.randn(2, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        runs = []
+        try:
+            for on in (False, True):
+                clip.model.set_grad_checkpointing(on)
+                model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+                loss = cocoop.cocoop_loss(model, feats, torch.tensor([1, 3]))
+                loss.backward()
+                runs.append([loss.detach(), *[p.grad for p in model.trainable()]])
+                assert bool(calls) == on
+        finally:
+            clip.model.set_grad_checkpointing(False)
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def test_grad_checkpointing_flag_reaches_the_towers(self, mini_root, tmp_path):
+        for flags in ([], ["--grad-checkpointing"]):
+            args = cocoop.parse_args(["--backbone", "tiny", "--pretrained", "none", "--data-root", str(mini_root),
+                                      "--shots", "2", "--cache-dir", str(tmp_path), "--device", "cpu", *flags])
+            clip_ = common.prepare(args, 1).clip
+            assert clip_.text.transformer.grad_checkpointing == bool(flags)
+            assert clip_.model.visual.transformer.grad_checkpointing == bool(flags)
+
+    def test_the_meta_net_init_comes_from_the_runs_own_generator(self, clip):
+        torch.manual_seed(0)
+        a = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        torch.manual_seed(99)  # whatever the global generator holds
+        b, c = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1), cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=2)
+        assert torch.equal(a.meta_net.linear1.weight, b.meta_net.linear1.weight)
+        assert not torch.equal(a.meta_net.linear1.weight, c.meta_net.linear1.weight)
+
+    def test_cocoop_learns_the_planted_context_from_chance(self, clip):
+        """CoOp's planted task (image features made by the text tower with a hidden context) for CoCoOp with a
+        silent Meta-Net and a random context: from chance to most of the test set."""
+        model = silent_cocoop(clip, EUROSAT_NAMES, ctx_init="")
+        true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
+        train_x, train_y = planted_features(clip, model.prompts, true_ctx, model.ctx.detach(), 4, seed=1)
+        test_x, test_y = planted_features(clip, model.prompts, true_ctx, model.ctx.detach(), 50, seed=2)
+        with torch.no_grad():
+            before = common.accuracy(model.logits(test_x), test_y)
+        common.fit(model.trainable(), lambda x, y: cocoop.cocoop_loss(model, x, y), lambda e: (train_x, train_y),
+                   n=len(train_y), epochs=25, batch_size=8)
+        with torch.no_grad():
+            after = common.accuracy(model.logits(test_x), test_y)
+        assert before <= 20 and after >= 75, (before, after)
+        assert model.meta_net.linear2.weight.abs().sum() > 0  # the Meta-Net trained too
+
+    def test_cocoop_defaults_are_the_official_base_to_new_config(self):
+        args = cocoop.parse_args([])
+        assert (args.protocol, args.epochs, args.batch_size, args.lr, args.backbone, args.n_ctx, args.ctx_init) == \
+            ("base2new", 10, 1, 0.002, "ViT-B-16", 4, "a photo of a")
+        assert cocoop.parse_args(["--ctx-init", "", "--n-ctx", "8"]).n_ctx == 8
+        with pytest.raises(SystemExit):
+            cocoop.parse_args(["--n-ctx", "8"])  # contradicts the 4 words of --ctx-init
+
+
 class TestKDPL:
     """kdpl.py: the symmetric KL, top-K selection, label-free and class-agnostic learning, the teacher."""
 
@@ -1448,7 +1624,9 @@ class TestKDPL:
         g = torch.Generator().manual_seed(0)
         t_text, t_feats = torch.randn(6, 7, generator=g), torch.randn(4, 7, generator=g)  # teacher space: 7-d
         s_text, s_feats = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g)  # student space: 5-d
-        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=torch.tensor(30.0)), text_features=lambda rows: s_text[rows])
+        scale = torch.tensor(30.0)
+        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=scale),
+                                  logits=lambda feats, rows: common.cosine_logits(feats, s_text[rows], scale))
         args = [x.tolist() for x in (s_feats, s_text, t_feats, t_text)]
         hand = hand_kdpl_loss(*args, k=2, student_scale=30.0)
         assert kdpl.kdpl_loss(student, t_text, s_feats, t_feats, k=2).item() == pytest.approx(hand, rel=1e-5)
@@ -1478,6 +1656,36 @@ class TestKDPL:
         assert torch.allclose(prompts.features(ctx, rows), expected, atol=1e-5)
         assert torch.allclose(prompts.features(ctx)[rows], expected, atol=1e-5)
 
+    def test_each_kl_setting_computes_the_divergence_it_names(self):
+        """--kl: the loss of kdpl_loss (teacher = all classes) is the named divergence by hand."""
+        g = torch.Generator().manual_seed(0)
+        t_text, t_feats = torch.randn(4, 7, generator=g), torch.randn(3, 7, generator=g)
+        s_text, s_feats = torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g)
+        scale = torch.tensor(20.0)
+        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=scale),
+                                  logits=lambda feats, rows: common.cosine_logits(feats, s_text[rows], scale))
+        p_s = common.cosine_logits(s_feats, s_text, scale).softmax(-1)
+        p_t = common.cosine_logits(t_feats, t_text, scale).softmax(-1)
+        kl = lambda p, q: float((p * (p / q).log()).sum(-1).mean())  # KL(p || q), batch mean
+        expected = {"forward": kl(p_t, p_s), "reverse": kl(p_s, p_t), "symmetric": 0.5 * kl(p_t, p_s) + 0.5 * kl(p_s, p_t)}
+        for name, value in expected.items():
+            assert kdpl.kdpl_loss(student, t_text, s_feats, t_feats, 4, kl=name).item() == pytest.approx(value, rel=1e-5)
+        assert kdpl.parse_args([]).kl == "symmetric" and kdpl.parse_args(["--kl", "reverse"]).kl == "reverse"
+
+    def test_the_students_official_kdpl_config_sets_the_defaults(self):
+        a, b = kdpl.parse_args([]), kdpl.parse_args(["--student", "cocoop"])
+        assert (a.backbone, a.epochs, a.batch_size, a.lr, a.ctx_init) == ("ViT-B-32", 50, 32, 0.002, "a photo of a")
+        assert (b.backbone, b.epochs, b.batch_size, b.lr, b.ctx_init) == ("ViT-B-32", 10, 1, 0.002, "a photo of a")
+        c = kdpl.parse_args(["--student", "cocoop", "--epochs", "3", "--batch-size", "4"])  # flags given win
+        assert (c.epochs, c.batch_size) == (3, 4)
+        assert [kdpl.method_name(x) for x in (a, b, kdpl.parse_args(["--student", "cocoop", "--class-agnostic"]))] \
+            == ["kdpl", "kdpl_cocoop", "kdpl_ca_cocoop"]
+
+    def test_kdpl_on_cocoop_climbs_to_the_teacher_without_labels(self, clip):
+        before, after, teacher_acc = train_planted_kdpl(clip, student="cocoop", epochs=25, batch_size=8)
+        assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
+        assert after >= 75, after
+
     def test_kdpl_student_climbs_to_the_teacher_without_labels(self, clip):
         before, after, teacher_acc = train_planted_kdpl(clip)
         assert teacher_acc >= 99, teacher_acc
@@ -1495,7 +1703,8 @@ class TestKDPL:
         assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
         assert after >= 80, after
 
-    def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path):
+    @pytest.mark.parametrize("student", ["coop", "cocoop"])
+    def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path, student):
         names = ["cat", "dog", "car", "tree"]
         labels = [i % 4 for i in range(12)]
         shuffled = labels[:]
@@ -1503,14 +1712,15 @@ class TestKDPL:
         assert shuffled != labels
         ctxs = []
         for lab in (labels, shuffled):
-            task = fake_task(tmp_path, clip, names, lab)
+            task = fake_experiment(tmp_path, clip, names, lab)
             teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template)
-            student = kdpl.Student(clip, names, "a photo of a")
-            stats = kdpl.train(task, student, teacher, teacher_text, len(names))
-            ctxs.append(student.ctx.detach().clone())
+            model = kdpl.STUDENTS[student].kdpl_student(clip, names, SimpleNamespace(ctx_init="a photo of a"), 1)
+            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric")
+            ctxs.append(torch.cat([p.detach().flatten() for p in model.trainable()]))
         assert stats["steps_per_epoch"] == 3 and task.cache.computed == 0  # the second run read the cache
         assert torch.equal(ctxs[0], ctxs[1])
-        assert not torch.equal(ctxs[0], common.words_to_embeddings(clip, "a photo of a"))  # it did train
+        words = common.words_to_embeddings(clip, "a photo of a").flatten()
+        assert not torch.equal(ctxs[0][:len(words)], words)  # it did train
 
     @needs_eurosat
     def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(self, tmp_path, shared_cache):
@@ -1721,7 +1931,8 @@ class TestMoPD:
         templates = mopd.dataset_pool("eurosat")[:3]
         teacher = mopd.pool_features(clip_, templates, EUROSAT_NAMES)
         direct = F.normalize(common.encode_texts(clip_, [templates[1].format(n) for n in EUROSAT_NAMES]), dim=-1)
-        assert teacher.shape == (3, 10, clip_.embed_dim) and torch.allclose(teacher[1], direct, atol=1e-6)
+        assert teacher.shape == (3, 10, clip_.embed_dim)
+        assert torch.allclose(F.normalize(teacher[1], dim=-1), direct, atol=1e-6)
         model = mopd.MoPD(clip_, EUROSAT_NAMES, teacher, top_t=2)
         assert model.gate.shape == (clip_.embed_dim, 3) and clip_.embed_dim != 512 and not model.gate.any()
         feats = torch.randn(4, clip_.embed_dim)
@@ -2068,6 +2279,25 @@ class TestDeMul:
 class TestEMPL:
     """empl.py (reconstruction): SGLD, task chains, the unseen-word term, planted base-to-new."""
 
+    @pytest.mark.parametrize("position", ["end", "middle", "front"])
+    def test_context_mask_marks_exactly_the_positions_the_context_fills(self, clip, position):
+        prompts = common.ClassPrompts(clip, ["Sea or Lake", "dog", "Annual Crop Land"], n_ctx=4, position=position)
+        rows = torch.tensor([2, 0])
+        for r in (None, rows):
+            moved = prompts.embed(torch.ones(4, clip.ctx_dim), r) != prompts.embed(torch.zeros(4, clip.ctx_dim), r)
+            assert torch.equal(empl.context_mask(prompts, r), moved.any(-1, keepdim=True).float())
+            assert int(empl.context_mask(prompts, r).sum()) == 4 * (3 if r is None else 2)
+
+    def test_entering_the_text_tower_at_a_layer_gives_the_same_features(self, clip):
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
+        x = prompts.embed(torch.randn(4, clip.ctx_dim))
+        hidden = common.hidden_states(clip, x, layer=1)
+        via_hook = common.encode_hidden(clip, hidden, prompts.eot, layer=1)
+        assert torch.allclose(common.encode_hidden(clip, common.hidden_states(clip, x, 0), prompts.eot, 0), via_hook,
+                              atol=1e-5)
+        assert torch.allclose(via_hook, common.encode_text(clip, x, prompts.eot), atol=1e-5)
+        assert not torch.allclose(common.encode_hidden(clip, hidden * 1.1, prompts.eot, layer=1), via_hook)
+
     def test_one_sgld_step_is_the_langevin_update_by_hand(self, clip):
         # a quadratic energy, whose gradient is known in closed form: dE/dH = H - mu
         H0, mu, mask = torch.randn(2, 3, 6, 5), torch.randn(2, 3, 6, 5), (torch.rand(3, 6, 1) > 0.5).float()
@@ -2241,16 +2471,17 @@ class TestEMPL:
 
     def test_init_from_a_coop_prompt_checks_compatibility(self, clip, tmp_path, capsys):
         ctx = torch.randn(4, clip.ctx_dim)
-        saved = {"ctx": ctx, "n_ctx": 4, "position": "middle", "csc": False, "backbone": "tiny", "weights": "random"}
+        saved = {"method": "coop", "ctx": ctx, "n_ctx": 4, "position": "middle", "csc": False, "backbone": "tiny",
+                 "weights": "random", "activation": clip.activation}
         torch.save(saved, tmp_path / "ok.pt")
         args = lambda name: argparse.Namespace(init_from=str(tmp_path / name), ctx_init=None)
         got, position = empl.initial_context(args("ok.pt"), clip)
         assert torch.equal(got, ctx) and position == "middle" and capsys.readouterr().out == ""
         for name, change, message in [("csc.pt", {"ctx": torch.randn(3, 4, clip.ctx_dim), "csc": True}, "class-specific"),
                                       ("wide.pt", {"ctx": torch.randn(4, 128), "backbone": "tiny-wide"}, "tiny-wide"),
-                                      ("gelu.pt", {"activation": "QuickGELU"}, "random, QuickGELU, width"),
-                                      ("mopd.pt", {"method": "mopd"}, "written by mopd"),
-                                      ("junk.pt", None, "not a coop.py prompt.pt")]:
+                                      ("gelu.pt", {"activation": "QuickGELU"}, "tiny / random / QuickGELU"),
+                                      ("mopd.pt", {"method": "mopd"}, "written by mopd, not by coop or empl"),
+                                      ("junk.pt", None, "written by something else")]:
             torch.save(dict(saved, **change) if change else {"weights": 1}, tmp_path / name)
             with pytest.raises(common.UserError, match=message):
                 empl.initial_context(args(name), clip)
