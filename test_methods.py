@@ -2452,6 +2452,20 @@ class TestSweeps:
         assert [status for _, status in jobs["4243_9"]()] == ["skipped (results exist)"] * 2
         assert "4242_0 .. 4242_1" in out and "4243_0 .. 4243_10" in out and str(runs / "submitit") in out
 
+    def test_a_dead_job_is_reported_with_the_error_that_ended_it(self, tmp_path):
+        """A job that ended with an error, as submitit reports it (its traceback and then its log paths), e.g. one
+        that got SLURM's time-limit signal and was not requeued: each unfinished run names the error."""
+        import submitit
+        from submitit.core.utils import cloudpickle_dump
+        job = submitit.SlurmJob(folder=tmp_path / "submitit" / "%j", job_id="77_0")
+        job.paths.result_pickle.parent.mkdir(parents=True)
+        error = "submitit.core.utils.UncompletedJobError: Job not requeued because: checkpoint function returned None."
+        cloudpickle_dump(("error", f"Traceback (most recent call last):\n  File \"sweep.py\", line 1\n{error}\n"),
+                         job.paths.result_pickle)
+        runs = [sweep.make_run(m, "eurosat", "fewshot", 1, 1, str(tmp_path / "runs"), ()) for m in ("coop", "mopd")]
+        write_fake_result(tmp_path / "runs", "coop", "fewshot", 1, 1, {"accuracy": 1.0})  # its first run finished
+        assert [status for _, status, _ in sweep.collect([job], [runs])] == ["ok", f"failed (job 77_0: {error})"]
+
     def test_a_finished_run_of_other_settings_is_not_taken_for_this_sweeps(self, tmp_path, capsys):
         runs = tmp_path / "runs"
         write_fake_result(runs, "coop", "fewshot", 1, 1, {"accuracy": 1.0})
