@@ -430,6 +430,17 @@ def run_submitit(passes, args, cluster="slurm"):
     return statuses + [status for jobs, pass_jobs in submitted[collected:] for status in collect(jobs, pass_jobs)]
 
 
+def job_error(err):
+    """The line that says why a job died. submitit's FailedJobError is a header, the job's traceback between
+    two rules of dashes, then the paths of the job's logs: the traceback's last line is the error. Others
+    (a job that left no result: its log's tail): their last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    if len(rules) >= 2 and rules[-1] > rules[-2] + 1:
+        return lines[rules[-1] - 1][:200]
+    return (lines or [type(err).__name__])[-1][:200]
+
+
 def collect(jobs, pass_jobs):
     """Wait for the jobs; the status of each of their runs. A job that died (killed, out of time and not
     requeued) reports its unfinished runs with the job's own log."""
@@ -438,9 +449,7 @@ def collect(jobs, pass_jobs):
         try:
             statuses += [(run, status, run.log) for run, status in job.result()]
         except Exception as err:  # whatever ended the job, the runs' results.json files say what was done
-            # submitit's FailedJobError: a fixed first line, the job's traceback, its last line the error
-            lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            reason = lines[-1].strip()[:200]
+            reason = job_error(err)
             statuses += [(run, "ok" if run.done() else f"failed (job {job.job_id}: {reason})", job.paths.stderr)
                          for run in runs]
     return statuses

@@ -12,6 +12,8 @@ import math
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,6 +255,92 @@ echo "$n" > "$SBATCH_RECORD/count"
 cp "$1" "$SBATCH_RECORD/sbatch_$n.sh"
 echo "Submitted batch job $n"
 """
+
+
+def slurm_unavailable():
+    """Why the tests against a real SLURM controller cannot run here, or None. They need a controller that
+    answers and an idle node of this machine in its default partition: their jobs read the tests' temporary
+    files, so they must run here (.ci/run brings up such a single-node cluster where it can)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no SLURM here: sinfo and sbatch not on PATH (.ci/slurm-up, as root with apt-get, installs one)"
+    host = socket.gethostname().split(".")[0]
+    try:
+        proc = subprocess.run(["sinfo", "--noheader", "--Node", "--nodes", host, "--format", "%P %T"],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "SLURM's controller does not answer: sinfo timed out after 20 s"
+    if proc.returncode:
+        return f"SLURM's controller does not answer: {proc.stderr.strip()}"
+    if not any(part.endswith("*") and state in ("idle", "mixed") for part, state in
+               (line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)):
+        return f"no idle node {host} in SLURM's default partition (sinfo: {proc.stdout.strip() or 'none'})"
+    return None
+
+
+def submitit_times(log, event):
+    """The times at which a submitit job log says `event` ("Starting with", "Exiting after successful
+    completion"), one per attempt of the job."""
+    stamps = re.findall(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\) - " + re.escape(event), log.read_text())
+    return [time.mktime(time.strptime(t.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(t.split(",")[1]) / 1000
+            for t in stamps]
+
+
+def slurm_jobs(runs):
+    """The SLURM job ids (of arrays: the array's) submitted into a sweep's output, from submitit's folders
+    (`<id>` and `<id>_<index>`; submitit keeps other files there too)."""
+    return {found[1] for p in (runs / "submitit").glob("*") if (found := re.fullmatch(r"(\d+)(_\d+)?", p.name))}
+
+
+@pytest.fixture(scope="module")
+def real_slurm_sweep(mini_root, tmp_path_factory):
+    """A sweep submitted to a real SLURM controller: zero-shot CLIP, then CoOp and MoPD for seeds 1 and 2
+    (one job per seed, after the zero-shot job). While MoPD's run of seed 1 is under way, that job gets the
+    signal SLURM sends before a job's time limit, as its sbatch script asks for it; the sweep waits for
+    every job. Skips, with the reason, where there is no SLURM controller with a node on this machine."""
+    reason = slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("slurm")
+    runs, out = tmp / "runs", tmp / "sweep.out"
+    argv = ["run", "--methods", "zsclip", "coop", "mopd", "--shots", "1", "--seeds", "1", "2", "--output", str(runs),
+            "--launcher", "slurm", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1", "--slurm-time", "10",
+            "--wait", *sweep_run_flags(mini_root, tmp / "cache")]
+    mopd_log = runs / "logs/mopd/eurosat/fewshot/shots_1_seed_1.log"
+    with open(out, "w") as sink:  # unbuffered: the job ids can be read while the sweep waits
+        proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    give_up = time.monotonic() + 300  # a safety net against a stuck queue, not a time limit under test
+    try:
+        while not mopd_log.exists() and proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)
+        if not mopd_log.exists():
+            pytest.fail(f"MoPD's run of seed 1 did not start (in 300 s); the sweep said:\n{out.read_text()[-3000:]}")
+        job = re.search(r"^ +(\S+) +eurosat fewshot 1-shot seed 1: coop mopd$", out.read_text(), re.M)
+        if not job:
+            pytest.fail(f"the sweep did not list the job of seed 1:\n{out.read_text()[-3000:]}")
+        job = job[1]
+        finished_then = sorted(finished(runs))
+        coop_then = (runs / "coop/eurosat/fewshot/shots_1/seed_1/results.json").read_bytes()
+        array = job.split("_")[0]
+        script = (runs / "submitit" / array / f"{array}_submission.sh").read_text()
+        warning = re.search(r"^#SBATCH --signal=(\w+)@\d+$", script, re.M)[1]  # submitit's: USR2, 90 s before
+        subprocess.run(["scancel", f"--signal={warning}", job], check=True, capture_output=True, timeout=30)
+        try:
+            proc.wait(timeout=max(1.0, give_up - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sweep did not end within 300 s; it said:\n{out.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if slurm_jobs(runs):  # whatever went wrong, none of this sweep's jobs stays queued
+            subprocess.run(["scancel", *slurm_jobs(runs)], capture_output=True, timeout=30)
+    # without accounting (as on CI) submitit's status queries to sacct fail: it says so every few seconds
+    said = "".join(line for line in out.read_text().splitlines(keepends=True)
+                   if "sacct" not in line and "accounting storage is disabled" not in line)
+    return SimpleNamespace(argv=argv, runs=runs, code=proc.returncode, out=said, job=job,
+                           finished_then=finished_then, coop_then=coop_then)
 
 
 def softmax(xs):
@@ -2683,6 +2771,20 @@ class TestSweeps:
         assert [status for _, status in jobs["4243_9"]()] == ["skipped (results exist)"] * 2
         assert "4242_0 .. 4242_1" in out and "4243_0 .. 4243_10" in out and str(runs / "submitit") in out
 
+    def test_a_dead_job_is_reported_with_the_error_that_ended_it(self, tmp_path):
+        """A job that ended with an error, as submitit reports it (its traceback and then its log paths), e.g. one
+        that got SLURM's time-limit signal and was not requeued: each unfinished run names the error."""
+        import submitit
+        from submitit.core.utils import cloudpickle_dump
+        job = submitit.SlurmJob(folder=tmp_path / "submitit" / "%j", job_id="77_0")
+        job.paths.result_pickle.parent.mkdir(parents=True)
+        error = "submitit.core.utils.UncompletedJobError: Job not requeued because: checkpoint function returned None."
+        cloudpickle_dump(("error", f"Traceback (most recent call last):\n  File \"sweep.py\", line 1\n{error}\n"),
+                         job.paths.result_pickle)
+        runs = [sweep.make_run(m, "eurosat", "fewshot", 1, 1, str(tmp_path / "runs"), ()) for m in ("coop", "mopd")]
+        write_fake_result(tmp_path / "runs", "coop", "fewshot", 1, 1, {"accuracy": 1.0})  # its first run finished
+        assert [status for _, status, _ in sweep.collect([job], [runs])] == ["ok", f"failed (job 77_0: {error})"]
+
     def test_a_finished_run_of_other_settings_is_not_taken_for_this_sweeps(self, tmp_path, capsys):
         runs = tmp_path / "runs"
         write_fake_result(runs, "coop", "fewshot", 1, 1, {"accuracy": 1.0})
@@ -2720,3 +2822,58 @@ class TestSweeps:
         text = str(exit_.value.code) + capsys.readouterr().err
         assert message in text, text
         assert "Traceback" not in text and not (tmp_path / "runs").exists()
+
+
+class TestRealSlurm:
+    """sweep.py against a real SLURM controller (a single-node cluster: .ci/slurm-up on CI): its sbatch,
+    job arrays, dependency and requeue. Skipped, with the reason, where no controller has a node here."""
+
+    def test_a_sweep_runs_both_job_arrays_in_order_and_a_rerun_submits_nothing(self, real_slurm_sweep, monkeypatch,
+                                                                               capsys):
+        sw = real_slurm_sweep
+        code = sw.code
+        assert code == 0, sw.out[-3000:]
+        assert sorted(finished(sw.runs)) == [f"{method}/eurosat/fewshot/shots_1/seed_{seed}" for method, seed in
+                                             [("coop", 1), ("coop", 2), ("mopd", 1), ("mopd", 2), ("zsclip", 1)]]
+        first = re.search(r"^submitted 1 job\(s\) \(zero-shot CLIP.*: (\d+)$", sw.out, re.M)
+        second = re.search(r"^submitted 2 job\(s\) \(one job per dataset.*after job (\d+) ends: (\d+)_0 \.\. \2_1$",
+                           sw.out, re.M)
+        assert first and second and second.group(1) == first.group(1), sw.out
+        # SLURM held the training jobs until the zero-shot job (which fills the cache with the test set) ended
+        zero_shot_end = submitit_times(sw.runs / "submitit" / first[1] / f"{first[1]}_0_log.out",
+                                       "Exiting after successful completion")
+        starts = [t for i in (0, 1) for t in submitit_times(
+            sw.runs / "submitit" / f"{second[2]}_{i}" / f"{second[2]}_{i}_0_log.out", "Starting with")]
+        assert len(zero_shot_end) == 1 and len(starts) == 3, (zero_shot_end, starts)
+        assert min(starts) >= zero_shot_end[0], "a training job started before the zero-shot job had ended"
+        # the same command again: everything is done, nothing is submitted (without --wait: were anything
+        # submitted, the test would not wait for it; it cancels it)
+        monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # a submission would extend it
+        before = slurm_jobs(sw.runs)
+        sweep.main([arg for arg in sw.argv if arg != "--wait"])
+        out = capsys.readouterr().out
+        submitted = slurm_jobs(sw.runs) - before
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, timeout=30)
+        assert "grid: 5 run(s); 5 with results (skipped); 0 to run in 0 job(s)" in out, out
+        assert "submitted" not in out and not submitted, out
+
+    def test_a_job_signalled_before_its_time_limit_is_requeued_and_runs_only_its_missing_runs(self, real_slurm_sweep):
+        sw = real_slurm_sweep
+        coop, mopd = "coop/eurosat/fewshot/shots_1/seed_1", "mopd/eurosat/fewshot/shots_1/seed_1"
+        finished_then, code = sw.finished_then, sw.code
+        assert coop in finished_then and mopd not in finished_then, "the signal did not come between the job's runs"
+        assert code == 0, sw.out[-3000:]
+        job_log = sw.runs / "submitit" / sw.job / f"{sw.job}_0_log.out"
+        # submitit's signal handler called SweepJob.checkpoint, then `scontrol requeue`; the job started again
+        assert f"Requeued job {sw.job}" in job_log.read_text(), job_log.read_text()[-3000:]
+        assert len(submitit_times(job_log, "Starting with")) == 2
+        # the requeued job skipped CoOp's finished run and ran MoPD's interrupted one again, to the end
+        assert (sw.runs / coop / "results.json").read_bytes() == sw.coop_then, "CoOp's finished run ran again"
+        logs = sw.runs / "logs"
+        assert (logs / "coop/eurosat/fewshot/shots_1_seed_1.log").read_text().count("$ ") == 1
+        assert (logs / "mopd/eurosat/fewshot/shots_1_seed_1.log").read_text().count("$ ") == 2
+        assert (sw.runs / mopd / "results.json").is_file()
+        # the sweep's outcome of that job: its second attempt's
+        for status in (r"skipped \(results exist\) +coop", "ok +mopd"):
+            assert re.search(f"^{status} eurosat fewshot 1-shot seed 1$", sw.out, re.M), sw.out[-3000:]
