@@ -43,8 +43,10 @@ import data
 import demul
 import empl
 import kdpl
+import maple
 import mopd
 import sweep
+import vpt
 from data import DataError, Dataset, Item
 
 
@@ -668,11 +670,15 @@ def fake_embed(self, names):
 # The cheapest flags that still run each method's whole path (teacher, LLM space, SGLD, gate).
 CHEAP_FLAGS = {"coop": [], "cocoop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
                "kdpl_cocoop": ["--student", "cocoop", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "vpt": ["--depth", "2"], "maple": ["--depth", "2"],
+               "kdpl_vpt": ["--student", "vpt", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "kdpl_maple": ["--student", "maple", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained",
+                              "none"],
                "mopd": ["--batch-size", "8"], "demul": ["--llm", "minilm", "--pretrain-names", "40",
                                                          "--pretrain-epochs", "1"],
                "empl": ["--vocab", "imagenet", "--vocab-pool", "50", "--sgld-steps", "1"]}
-METHODS = {"coop": coop, "cocoop": cocoop, "kdpl": kdpl, "kdpl_cocoop": kdpl, "mopd": mopd, "demul": demul,
-           "empl": empl}
+METHODS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple, "kdpl": kdpl, "kdpl_cocoop": kdpl,
+           "kdpl_vpt": kdpl, "kdpl_maple": kdpl, "mopd": mopd, "demul": demul, "empl": empl}
 
 
 def run_method(name, root, out, cache, *extra, monkeypatch=None):
@@ -747,6 +753,10 @@ FAIL_EARLY = {  # a cheap precondition of each method that fails
     "cocoop": (["--output", "{file}/runs"], "is a file, not a folder"),
     "kdpl": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "kdpl_cocoop": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "vpt": (["--depth", "3"], "has 2 layers"),
+    "maple": (["--depth", "3"], "have 2 layers"),
+    "kdpl_vpt": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "kdpl_maple": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "mopd": (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
     "demul": (["--llm", "openai:text-embedding-3-large"], "OPENAI_API_KEY"),
     "empl": (["--init-from", "{tmp}/coop_prompt.pt"], "does not exist"),
@@ -1407,7 +1417,9 @@ class TestEveryMethod:
                                        monkeypatch=monkeypatch)
         torch.manual_seed(12345)  # whatever the global generator holds
         warm, warm_prompt = run_method(name, mini_root, tmp_path / "b", tmp_path / "cache", monkeypatch=monkeypatch)
-        assert cold["times"]["images_encoded"] > 0 and warm["times"]["images_encoded"] == 0
+        # a prompted image tower alone (VPT, MaPLe) never uses the cache: no frozen tower to serve
+        assert (cold["times"]["images_encoded"] > 0) == (name not in ("vpt", "maple"))
+        assert warm["times"]["images_encoded"] == 0
         assert warm["metrics"] == cold["metrics"]
         assert warm["train"]["loss_per_epoch"] == cold["train"]["loss_per_epoch"]
         for key, value in cold_prompt.items():
@@ -1460,6 +1472,17 @@ class TestEveryMethod:
                                   monkeypatch=monkeypatch)
         assert loaded["metrics"] == trained["metrics"] and "train" not in loaded and none is None
         assert loaded["loaded_from"] == str(prompt) and "loaded" in next((tmp_path / "eval").rglob("results.json")).parts
+
+    def test_the_prepared_gpu_check_runs_on_the_cpu(self, mini_root, tmp_path):
+        """benchmark.py --gpu-check (every method for real on a CUDA machine) has a CPU fallback: the same code
+        path on tiny towers, one table with a row per method and precision."""
+        proc = run_cli("benchmark.py", "--gpu-check", "--device", "cpu", "--backbone", "tiny", "--data-root",
+                       str(mini_root), "--images", "30", "--gpu-check-methods", "coop", "vpt", "--gpu-check-precisions",
+                       "bf16", "--workers", "0", "--output", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        table = proc.stdout.strip().splitlines()
+        assert table[0].split()[:3] == ["method", "precision", "s/step"] and len(table) == 3
+        assert all(line.split()[1] == "bf16" and line.endswith("ok") for line in table[1:]), table
 
     def test_a_saved_prompt_of_another_model_method_or_class_set_is_refused(self, mini_root, tmp_path, monkeypatch):
         run_method("coop", mini_root, tmp_path / "train", tmp_path / "cache", "--csc", monkeypatch=monkeypatch)
@@ -1685,6 +1708,132 @@ class TestCoCoOp:
             cocoop.parse_args(["--n-ctx", "8"])  # contradicts the 4 words of --ctx-init
 
 
+class TestPromptedTowers:
+    """common.encode_image / encode_text with deep prompts (VPT, MaPLe, IVLP): the official forward passes."""
+
+    def images(self, n=3, seed=0):
+        return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+    def official_image_tower(self, clip, images, prompts, accumulate=False):
+        """The official prompted ViT, written out (multimodal-prompt-learning clip/model.py L393-L422 and the
+        IVLP block L234-L241): prompts appended after the positional embedding, before ln_pre; at block i < J
+        the last n tokens are replaced by P_i (accumulate=True: added to them instead, the error to catch)."""
+        v, n = clip.model.visual, len(prompts[0])
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
+        x = v.ln_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], 1))
+        for i, block in enumerate(v.transformer.resblocks):
+            if 0 < i < len(prompts):
+                new = prompts[i].expand(len(x), -1, -1)
+                x = torch.cat([x[:, :-n], x[:, -n:] + new if accumulate else new], 1)
+            x = block(x)
+        return v.ln_post(x[:, 0]) @ v.proj
+
+    def test_without_prompts_the_towers_are_open_clips(self, clip):
+        x = self.images()
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
+        emb = prompts.embed(torch.randn(4, clip.ctx_dim))
+        empty = [torch.zeros(0, clip.ctx_dim)] * 2
+        with torch.no_grad():
+            assert torch.equal(common.encode_image(clip, x), clip.model.encode_image(x))
+            assert torch.equal(common.encode_image(clip, x, empty), clip.model.encode_image(x))
+            assert torch.equal(common.encode_text(clip, emb, prompts.eot, deep=empty),
+                               common.encode_text(clip, emb, prompts.eot))
+
+    def test_deep_visual_prompts_are_replaced_at_each_layer_not_accumulated(self, clip):
+        x = self.images()
+        prompts = torch.randn(2, 5, clip.model.visual.transformer.width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = common.encode_image(clip, x, list(prompts))
+            assert torch.allclose(ours, self.official_image_tower(clip, x, prompts), atol=1e-5)
+            assert not torch.allclose(ours, self.official_image_tower(clip, x, prompts, accumulate=True), atol=1e-3)
+            assert not torch.allclose(ours, common.encode_image(clip, x, list(prompts[:1])), atol=1e-3)  # depth 1
+        p = prompts.clone().requires_grad_(True)
+        common.encode_image(clip, x, list(p)).sum().backward()
+        assert all(g.abs().sum() > 0 for g in p.grad)  # every layer's own prompts reach the output
+
+    def test_deep_text_prompts_replace_the_context_positions(self, clip):
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES[:4], 2, words="of a")
+        gen = torch.Generator().manual_seed(2)
+        ctx, deep = torch.randn(2, clip.ctx_dim, generator=gen), torch.randn(1, 2, clip.ctx_dim, generator=gen)
+        emb, t = prompts.embed(ctx), clip.text
+
+        def official(accumulate=False):  # the IVLP/MaPLe text block (L242-L252): positions 1..n after SOS
+            x = emb + t.positional_embedding[:emb.shape[1]]
+            mask = t.attn_mask[:emb.shape[1], :emb.shape[1]]
+            for i, block in enumerate(t.transformer.resblocks):
+                if i == 1:
+                    new = deep[0].expand(len(x), -1, -1)
+                    x = torch.cat([x[:, :1], x[:, 1:3] + new if accumulate else new, x[:, 3:]], 1)
+                x = block(x, attn_mask=mask)
+            return t.ln_final(x)[torch.arange(len(x)), prompts.eot] @ t.text_projection
+
+        with torch.no_grad():
+            ours = common.encode_text(clip, emb, prompts.eot, deep=list(deep))
+            assert torch.allclose(ours, official(), atol=1e-5)
+            assert not torch.allclose(ours, official(accumulate=True), atol=1e-3)
+            padded = torch.cat([emb, emb[:, -1:].expand(-1, 77 - emb.shape[1], -1)], 1)  # no EOT cut
+            assert torch.allclose(common.encode_text(clip, padded, prompts.eot, deep=list(deep)), ours, atol=1e-5)
+        assert prompts.tokens[0, 3:5].tolist() == clip.tokenizer(["of a"])[0, 1:3].tolist()  # "of a" stays frozen
+
+    def test_maples_visual_prompts_are_the_coupling_of_its_text_prompts(self):
+        """A CLIP whose towers have different widths (text 64, vision 96): the couplings follow the model."""
+        torch.manual_seed(0)
+        model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=224, layers=3, width=96, head_width=32,
+                               patch_size=32), text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2,
+                               layers=3)).eval().requires_grad_(False)
+        clip_ = common.Clip(model, open_clip.get_tokenizer("ViT-B-16"), backbone="odd")
+        m = maple.MaPLe(clip_, EUROSAT_NAMES[:3], n_ctx=2, depth=3, seed=1)
+        visual = m.visual_prompts()
+        assert [tuple(v.shape) for v in visual] == [(2, 96)] * 3
+        assert torch.equal(visual[0], m.proj(m.ctx)) and torch.equal(visual[2], m.deep_proj[1](m.deep_text[1]))
+        assert torch.equal(m.deep_proj[0].weight, m.deep_proj[1].weight)  # _get_clones: identical starts
+        assert not torch.equal(m.proj.weight, m.deep_proj[0].weight)
+        loss = maple.maple_loss(m, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_gradients_reach_the_prompts_only(self, clip, method):
+        model = vpt.VPT(clip, EUROSAT_NAMES[:3], 4, 2) if method == "vpt" else maple.MaPLe(clip, EUROSAT_NAMES[:3], 2, 2)
+        loss = (vpt.vpt_loss if method == "vpt" else maple.maple_loss)(model, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
+
+    def test_the_prompted_tower_sees_the_crop_the_cache_encoded(self, clip, tmp_path):
+        """View k of a training image: the pixels a prompted tower gets are the ones a cached frozen tower's
+        feature of view k was computed from (what a KDPL teacher or PromptSRC's frozen CLIP reads)."""
+        exp = fake_experiment(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+        rows = torch.tensor([2, 0])
+        with torch.no_grad():
+            for epoch in (0, 1):
+                live = clip.model.encode_image(exp.train_images(epoch)[rows])
+                assert torch.allclose(live, exp.train_features(epoch)[rows], atol=1e-5)
+            assert not torch.allclose(exp.train_images(0)[rows], exp.train_images(1)[rows])  # two views, two crops
+
+    @pytest.mark.parametrize("script", ["vpt.py", "maple.py"])
+    def test_a_resnet_backbone_gets_one_message_before_any_image_is_encoded(self, script, mini_root, tmp_path):
+        proc = run_cli(script, "--dataset", "eurosat", "--shots", "1", "--backbone", "RN50", "--pretrained", "none",
+                       "--data-root", str(mini_root), "--no-download", "--output", str(tmp_path / "runs"),
+                       "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "0")
+        assert proc.returncode != 0 and "needs a ViT backbone" in proc.stderr and "Traceback" not in proc.stderr
+        assert not list((tmp_path / "cache").rglob("*.pt"))
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_official_defaults(self, method):
+        args = METHODS[method].parse_args([])
+        expected = {"vpt": (5, 4, 0.0025, 8, 12), "maple": (5, 4, 0.0035, 2, 9)}[method]
+        assert (args.epochs, args.batch_size, args.lr, args.n_ctx, args.depth) == expected
+        assert (args.protocol, args.backbone) == ("base2new", "ViT-B-16")
+        if method == "maple":  # training for cross-dataset / domain generalisation: the cross-dataset config
+            xd = maple.parse_args(["--dataset", "imagenet", "--protocol", "fewshot", "--eval-on", "imagenetv2"])
+            assert (xd.depth, xd.lr, xd.epochs) == (3, 0.0026, 2)
+        kd = kdpl.parse_args(["--student", method])
+        assert (kd.backbone, kd.epochs, kd.batch_size) == ("ViT-B-32", 5, 4)
+
+
 class TestKDPL:
     """kdpl.py: the symmetric KL, top-K selection, label-free and class-agnostic learning, the teacher."""
 
@@ -1791,7 +1940,7 @@ class TestKDPL:
         assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
         assert after >= 80, after
 
-    @pytest.mark.parametrize("student", ["coop", "cocoop"])
+    @pytest.mark.parametrize("student", ["coop", "cocoop", "vpt", "maple"])
     def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path, student):
         names = ["cat", "dog", "car", "tree"]
         labels = [i % 4 for i in range(12)]
@@ -1802,13 +1951,16 @@ class TestKDPL:
         for lab in (labels, shuffled):
             task = fake_experiment(tmp_path, clip, names, lab)
             teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template)
-            model = kdpl.STUDENTS[student].kdpl_student(clip, names, SimpleNamespace(ctx_init="a photo of a"), 1)
-            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric")
+            flags = SimpleNamespace(ctx_init="a photo of a", n_ctx=2, depth=2)
+            model = kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric",
+                               images=kdpl.STUDENTS[student].IMAGE_INPUT == "images")
             ctxs.append(torch.cat([p.detach().flatten() for p in model.trainable()]))
         assert stats["steps_per_epoch"] == 3 and task.cache.computed == 0  # the second run read the cache
         assert torch.equal(ctxs[0], ctxs[1])
-        words = common.words_to_embeddings(clip, "a photo of a").flatten()
-        assert not torch.equal(ctxs[0][:len(words)], words)  # it did train
+        start = torch.cat([p.detach().flatten() for p in kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+                           .trainable()])
+        assert not torch.equal(ctxs[0], start)  # it did train
 
     @needs_eurosat
     def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(self, tmp_path, shared_cache):
