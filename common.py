@@ -1,8 +1,13 @@
-"""Shared machinery for the prompt-learning methods: frozen CLIP, prompt text encoding, the feature
-cache, CoOp's training loop, evaluation, the command line and the results files.
+"""Shared machinery of the prompt-learning methods, in the order a reader needs it:
+  (1) the prompt math: tokens -> prompts -> text features -> logits (a unit one can copy: torch + open_clip only)
+  (2) CoOp's training recipe: seeds, precision, learning-rate schedule, optimiser, the AMP step, the loop
+  (3) evaluation: accuracy, the harmonic mean H, timing, the context's nearest words
+  (4) loading CLIP: backbones, open_clip tags, checkpoint files and their formats, the activation
+  (5) the feature cache: transforms, augmented views, image-tower features on disk
+  (6) running an experiment: the experiment object, the command line, the run folder, results files
 
-Every method file (coop.py, kdpl.py, mopd.py, demul.py, empl.py) imports this module and data.py and
-nothing else of ours. What is here reproduces the official CoOp recipe on Dassl (pinned permalinks):
+Every method file imports this module and data.py and nothing else of ours (KDPL also imports its student's
+file). What is here reproduces the official CoOp recipe on Dassl (pinned permalinks):
   * CLIP is frozen and in eval mode; only the method's own parameters train.
   * Transforms: train RandomResizedCrop(224, scale 0.08-1, bicubic) + flip; test resize of the shorter
     side (bicubic) + center crop; CLIP's mean/std.
@@ -21,7 +26,9 @@ What differs, and why:
   * Every random consumer has its own seeded generator (`generator`): the same seed gives the same
     numbers whatever the cache holds.
 """
+
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -78,80 +85,30 @@ def fix_mmap_threshold(nbytes=MMAP_THRESHOLD):
 
 fix_mmap_threshold()
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CoOp/Dassl INPUT.PIXEL_MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Tiny open_clip configurations: the same CLIP/ViT code path as ViT-B/16, small enough for CPU tests.
-# `tiny-wide` has a different width and embedding size so it can stand in for a larger teacher.
-TINY_CONFIGS = {
-    "tiny": dict(embed_dim=64,
-                 vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
-    "tiny-wide": dict(embed_dim=96,
-                      vision_cfg=dict(image_size=224, layers=2, width=128, head_width=32, patch_size=32),
-                      text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3)),
-}
-
 
 class UserError(Exception):
     """A problem the user can fix; printed as one message, no traceback."""
 
 
-def set_seed(seed):
-    """Seed the global generators the way Dassl's set_random_seed does, for code that still draws from
-    them. Nothing of ours draws from them unseeded: every random consumer owns a generator (see
-    `generator`), or seeds the global one inside torch.random.fork_rng where a library draws from it
-    (torchvision's random crops, DeMul's stage-1 MLPs)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def generator(seed, purpose):
-    """A CPU generator of its own for one random consumer of a run (context init, batch order, ...):
-    seeded by (run seed, purpose), so no consumer shifts another's numbers, whatever was cached or
-    computed before. Draw on the CPU and move the result: the numbers are then the same on any device."""
-    digest = hashlib.sha256(f"{seed}|{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def resolve_precision(precision, device):
-    """--precision auto is bf16 autocast on CUDA and fp32 on the CPU; bf16/fp16 on the CPU run CPU
-    autocast, the same code path as on CUDA (how the tests exercise the GPU path without a GPU)."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device, precision):
-    """Autocast in bf16 or fp16 on any device; nothing for fp32. Parameters stay fp32 always."""
-    precision = resolve_precision(precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Frozen CLIP
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# (1) The prompt math: tokens -> prompts -> text features -> logits (CoOp §3.2). A unit one can copy:
+#     it needs torch and an open_clip model only (no files, no command line, no cache).
+# ==================================================================================================
 @dataclass
 class Clip:
-    """A frozen open_clip model with what the methods need around it."""
+    """A frozen open_clip model and its tokenizer. The other fields say which model it is (for the feature
+    cache and results.json); load_clip, section (4), fills them in."""
     model: nn.Module
     tokenizer: object
-    backbone: str
-    weights: str            # identity of the weights: an open_clip tag, "file:<name>:<size>" or "random"
-    device: torch.device
+    backbone: str = ""
+    weights: str = ""        # identity of the weights: an open_clip tag, "file:<name>:<size>" or "random"
     precision: str = "fp32"  # autocast of this tower: bf16, fp16 or fp32 (KDPL's teacher has its own)
     activation: str = "GELU"  # of the MLPs: "QuickGELU" (OpenAI's weights) or "GELU"; wrong = silently different
     activation_source: str = ""  # what chose it: the checkpoint format, the pretrained tag, the name, the flag
-    _prompts: dict = field(default_factory=dict, repr=False)
 
-    def prompts(self, classnames, n_ctx, position="end"):
-        """ClassPrompts for these names, built once per (names, n_ctx, position) and reused."""
-        key = (tuple(classnames), n_ctx, position)
-        if key not in self._prompts:
-            self._prompts[key] = ClassPrompts(self, classnames, n_ctx, position)
-        return self._prompts[key]
+    @property
+    def device(self):
+        return self.model.logit_scale.device
 
     @property
     def text(self):
@@ -176,18 +133,424 @@ class Clip:
     def logit_scale(self):
         return self.model.logit_scale.exp().detach().float()
 
-    @property
-    def tower_id(self):
-        """Cache key of the image tower: architecture, weights, activation and input size."""
-        tower = f"{self.backbone}__{self.weights}__{self.activation}__{self.image_size}"
-        return tower.replace("/", "-").replace(":", "-")
+
+def tokenize(clip, texts):
+    return clip.tokenizer(texts).to(clip.device)
+
+
+def eot_positions(tokens):
+    """CLIP pools at the EOT token, the largest token id of each sequence."""
+    return tokens.argmax(dim=-1)
+
+
+def encode_text(clip, x, eot, deep=()):
+    """Text features (N, D) of token embeddings x (N, L, width): CoOp's TextEncoder.forward,
+    https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L46-L57
+
+    Because the mask is causal and the output is read at the EOT token, every position after the longest
+    EOT is dead weight: callers pass sequences cut to max(eot) + 1 (the tests prove that the result equals
+    the full 77-token encoding). deep: deep text prompts (MaPLe, IVLP), see run_text_blocks."""
+    text, L = clip.text, x.shape[1]
+    x = x + text.positional_embedding[:L].to(x.dtype)
+    if len(deep):
+        x = run_text_blocks(clip, x, deep=deep)
+    else:  # open_clip's own transformer call (its gradient checkpointing included)
+        x = text.transformer(x, attn_mask=text.attn_mask[:L, :L])  # CLIP's causal mask, cut to the length
+    x = text.ln_final(x)
+    x = x[torch.arange(len(x), device=x.device), eot]  # the feature at the EOT token
+    return project_text(clip, x)
+
+
+def project_text(clip, x):
+    proj = clip.text.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+# The same tower cut in two at block `layer` (EMPL samples the hidden states entering the top blocks):
+# encode_hidden(clip, hidden_states(clip, x, layer), eot, layer) == encode_text(clip, x, eot).
+def hidden_states(clip, x, layer):
+    """Hidden states entering transformer block `layer` for token embeddings x (layer 0: x + positions)."""
+    x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
+    return run_text_blocks(clip, x, stop=layer)
+
+
+def encode_hidden(clip, h, eot, layer):
+    """Text features from hidden states h entering block `layer`: the rest of the tower."""
+    x = clip.text.ln_final(run_text_blocks(clip, h, start=layer))
+    return project_text(clip, x[torch.arange(len(x), device=x.device), eot])
+
+
+def run_text_blocks(clip, x, start=0, stop=None, deep=()):
+    """Causal transformer blocks [start, stop) on hidden states x (N, L, width). deep: deep text prompts, one
+    (n, width) tensor per block 1 .. len(deep): at the input of block i, deep[i - 1] REPLACES the n positions
+    after SOS (where the learned context sits); beyond block len(deep) those tokens flow on (IVLP/MaPLe's
+    ResidualAttentionBlock, text branch)."""
+    text, L = clip.text, x.shape[1]
+    for i, block in enumerate(text.transformer.resblocks):
+        if not (start <= i < (len(text.transformer.resblocks) if stop is None else stop)):
+            continue
+        if 0 < i <= len(deep):
+            x = torch.cat([x[:, :1], deep[i - 1].to(x.dtype).expand(len(x), -1, -1), x[:, 1 + len(deep[i - 1]):]], 1)
+        x = run_block(text.transformer, block, x, text.attn_mask[:L, :L])
+    return x
+
+
+def run_block(transformer, block, x, attn_mask=None):
+    """One residual attention block of a batch-first open_clip transformer on x (N, L, width), with open_clip's
+    gradient checkpointing when the transformer has it on (recompute in the backward pass, same numbers)."""
+    if transformer.grad_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
+
+
+@torch.no_grad()
+def encode_texts(clip, texts, batch_size=1000):
+    """Frozen text features of plain strings (hand-crafted prompts), EOT-cut per batch."""
+    feats = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip, texts[i:i + batch_size])
+        eot = eot_positions(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        feats.append(encode_text(clip, clip.text.token_embedding(tokens), eot).float())
+    return torch.cat(feats)
+
+
+def words_to_embeddings(clip, words):
+    """Token embeddings of an initialisation phrase such as "a photo of a" (CoOp's ctx_init)."""
+    tokens = tokenize(clip, [words])
+    n = int(eot_positions(tokens)[0]) - 1
+    with torch.no_grad():
+        return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
+
+
+class ClassPrompts:
+    """CoOp's prompt layout for a list of class names, at the token-embedding level:
+        end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
+        middle: [SOS] [ctx_1 .. ctx_M/2] [CLASS] [ctx_M/2+1 .. ctx_M] . [EOT]
+        front:  [SOS] [CLASS] [ctx_1 .. ctx_M] . [EOT]
+    Only token ids are stored (a 100k-name vocabulary fits), cut after the longest EOT; the frozen token
+    embeddings are looked up per call, for all names or for `rows`, a selection of them (cut again
+    after the selection's longest EOT). The learnable context is passed in, so the method file owns
+    its parameters; a method builds one ClassPrompts per class list (training classes, each test set)."""
+
+    def __init__(self, clip, classnames, n_ctx, position="end", words=""):
+        """words: frozen words between the context and the class name (MaPLe learns 2 tokens of "a photo of a",
+        and "of a" stays: [SOS] [ctx_1] [ctx_2] of a [CLASS] . [EOT])."""
+        if position not in ("end", "middle", "front") or (words and position != "end"):
+            raise ValueError(f"class token position must be end, middle or front (end with words), not {position!r}")
+        self.clip, self.n_ctx, self.position = clip, n_ctx, position
+        names = [name.replace("_", " ") for name in classnames]
+        tokens = tokenize(clip, [" ".join(["X"] * n_ctx + ([words] if words else []) + [f"{name}."]) for name in names])
+        eot = eot_positions(tokens)
+        self.tokens, self.eot = tokens[:, :int(eot.max()) + 1], eot
+        if position != "end":  # BPE tokens of each class name (CoOp's name_lens)
+            self.name_lens = [len(clip.tokenizer.encode(name)) for name in names]
+
+    def token_embeddings(self, rows=None):
+        """Frozen embeddings (R, L, d) and EOT positions of the selected prompts (all when rows is None)."""
+        tokens, eot = self.tokens, self.eot
+        if rows is not None:
+            tokens, eot = tokens[rows], eot[rows]
+            tokens = tokens[:, :int(eot.max()) + 1]  # the causal mask makes later positions dead weight
+        with torch.no_grad():
+            return self.clip.text.token_embedding(tokens).float(), eot
+
+    def embed(self, ctx, rows=None):
+        """Prompts (R, L, d) around ctx: (M, d) shared by all classes, or (C, M, d) class-specific."""
+        emb, _ = self.token_embeddings(rows)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(len(emb), -1, -1)
+        elif rows is not None:
+            ctx = ctx[rows]
+        ctx = ctx.to(emb.dtype)
+        prefix, suffix = emb[:, :1], emb[:, 1 + self.n_ctx:]  # [SOS] and [CLASS . EOT]
+        if self.position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        lens = self.name_lens if rows is None else [self.name_lens[int(r)] for r in rows]
+        half = self.n_ctx // 2
+        prompts = []
+        for i, n in enumerate(lens):
+            cls, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
+            if self.position == "middle":
+                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest]
+            else:
+                parts = [prefix[i:i + 1], cls, ctx[i:i + 1], rest]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts)
+
+    def features(self, ctx, rows=None):
+        """Text features g(t_i) (R, D) of the prompts with context ctx (of the names in rows, or all)."""
+        return encode_text(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
+
+    def embed_per_image(self, ctx, rows=None):
+        """Prompts (B, R, L, d) around one context per image, ctx (B, M, d) (CoCoOp's v_m(x)): image b's
+        context in every class's prompt, class token at the end (CoCoOp's only layout)."""
+        if self.position != "end":
+            raise ValueError("a context per image is placed before the class name (position end) only")
+        emb, _ = self.token_embeddings(rows)
+        B, R = len(ctx), len(emb)
+        prefix, suffix = emb[:, :1].expand(B, -1, -1, -1), emb[:, 1 + self.n_ctx:].expand(B, -1, -1, -1)
+        return torch.cat([prefix, ctx.to(emb.dtype)[:, None].expand(-1, R, -1, -1), suffix], dim=2)
+
+
+def encode_image(clip, images, prompts=()):
+    """Image features (B, D) of images (B, 3, H, W) through CLIP's ViT with deep visual prompts (VPT-deep, MaPLe,
+    IVLP): prompts[0] (n, width) is appended after the patch tokens, after the positional embedding and before
+    ln_pre (so it gets no positional embedding and ln_pre normalises it too); at the input of block i, for
+    0 < i < len(prompts), prompts[i] REPLACES those n positions (not added); beyond, they flow on. The class
+    token is pooled (ln_post, proj) and the prompts dropped. With no prompts this is open_clip's encode_image.
+    https://github.com/muzairkhattak/multimodal-prompt-learning/blob/69bce21ae8eda80ad6187534b2dce09cf6c59e17/clip/model.py#L393-L422
+    https://github.com/muzairkhattak/multimodal-prompt-learning/blob/69bce21ae8eda80ad6187534b2dce09cf6c59e17/clip/model.py#L234-L241"""
+    visual = clip.model.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None \
+            or visual.final_ln_after_pool or visual.pool_type != "tok":
+        raise ValueError("deep visual prompts need a ViT image tower that pools its class token (CLIP's ViTs)")
+    x = visual.conv1(images)                                              # the patch embeddings, (B, W, g, g)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)            # (B, g*g, W)
+    cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)                                           # identity in eval mode
+    n = len(prompts[0]) if len(prompts) else 0
+    if n:
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(len(x), -1, -1)], dim=1)  # [CLS, patches, prompts]
+    x = visual.ln_pre(x)
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 0 < i < len(prompts):  # this block's own prompts replace the previous block's outputs there
+            x = torch.cat([x[:, :x.shape[1] - n], prompts[i].to(x.dtype).expand(len(x), -1, -1)], dim=1)
+        x = run_block(visual.transformer, block, x)
+    x = visual.ln_post(x)
+    return x[:, 0] @ visual.proj                                           # the class token
+
+
+def cosine_logits(image_feats, text_feats, logit_scale):
+    """logits = s * norm(f(x)) @ norm(g(t)).T  (CLIP's classifier, CoOp's p(y|x)): images (B, D) against
+    texts (C, D) give (B, C); with leading dimensions, (K, B, D) against (K, C, D) give (K, B, C) (one
+    classifier per k). Several texts per class (a pool of templates, several prompts): flatten them to
+    (C * H, D) and view the logits as (B, C, H). In fp32 even under autocast: at s = 100, bf16 logits
+    come in steps of 0.25-0.5, and ties would favour low class indices."""
+    with torch.autocast(image_feats.device.type, enabled=False):
+        image, text = F.normalize(image_feats.float(), dim=-1), F.normalize(text_feats.float(), dim=-1)
+        return logit_scale * image @ text.transpose(-1, -2)
+
+
+# ==================================================================================================
+# (2) CoOp's training recipe: seeds and generators, precision, the learning-rate schedule, the optimiser,
+#     the AMP step and the loop over epochs.
+# ==================================================================================================
+def set_seed(seed):
+    """Seed the global generators the way Dassl's set_random_seed does, for code that still draws from
+    them. Nothing of ours draws from them unseeded: every random consumer owns a generator (see
+    `generator`), or seeds the global one inside torch.random.fork_rng where a library draws from it
+    (torchvision's random crops, DeMul's stage-1 MLPs)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def generator(seed, purpose):
+    """A CPU generator of its own for one random consumer of a run (context init, batch order, ...):
+    seeded by (run seed, purpose), so no consumer shifts another's numbers, whatever was cached or
+    computed before. Draw on the CPU and move the result: the numbers are then the same on any device."""
+    digest = hashlib.sha256(f"{seed}|{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@contextlib.contextmanager
+def global_rng(seed, purpose):
+    """The global CPU generator seeded like generator(seed, purpose), for library code that draws from it
+    (nn.Linear's default initialisation), and restored afterwards: nothing else's numbers move."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(generator(seed, purpose).initial_seed())
+        yield
+
+
+def resolve_precision(precision, device):
+    """--precision, resolved once per run (prepare): auto is bf16 autocast on CUDA and fp32 on the CPU;
+    bf16/fp16 on the CPU run CPU autocast, the same code path as on CUDA (how the tests exercise the GPU
+    path without a GPU). Everything downstream takes the resolved bf16, fp16 or fp32."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    return precision
+
+
+def autocast(device, precision):
+    """Autocast in bf16 or fp16 on any device; nothing for fp32. Parameters stay fp32 always."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast takes a resolved precision (bf16, fp16 or fp32), not {precision!r}")
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def coop_lr(epoch, base_lr, max_epoch, warmup_lr=1e-5):
+    """Dassl's per-epoch learning rate (0-based epoch): one constant warm-up epoch at 1e-5, then
+    cosine from base_lr over max_epoch epochs, restarted after the warm-up (WARMUP_RECOUNT)."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / max_epoch))
+
+
+FEWSHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp configs: *_ep50, *_ep100, default (200)
+IMAGENET_EPOCHS = 50                                        # CoOp's ImageNet configs (rn50_ep50, vit_b16_ep50)
+
+
+def fewshot_epochs(dataset, shots):
+    """CoOp's few-shot epochs for a shot count (None where the official configs have none)."""
+    return IMAGENET_EPOCHS if data.canonical_name(dataset) == "imagenet" else FEWSHOT_EPOCHS.get(shots)
+
+
+def resolve_epochs(parser, args, base2new=None):
+    """--epochs, else CoOp's recipe: few-shot epochs per shot count (ImageNet 50), and `base2new` epochs
+    for the base-to-new protocol when given (ImageNet keeps 50)."""
+    if args.epochs is None:
+        official = fewshot_epochs(args.dataset, args.shots)
+        imagenet = data.canonical_name(args.dataset) == "imagenet"
+        base_to_new = args.protocol == "base2new" and base2new is not None and not imagenet
+        args.epochs = base2new if base_to_new else official
+        if args.epochs is None:
+            parser.error(f"no official epoch count for {args.shots} shots; pass --epochs")
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+
+
+def steps_per_epoch(n, batch_size):
+    """Dassl: drop_last = len(dataset) >= batch_size, so a set smaller than a batch is one batch."""
+    steps = n // batch_size if n >= batch_size else (1 if n > 0 else 0)
+    if steps < 1:
+        raise UserError(f"no training step per epoch (training set of {n} images): nothing to learn from")
+    return steps
+
+
+class TrainingError(UserError):
+    pass
+
+
+def optimizer_and_scaler(params, lr, precision, device, no_decay=()):
+    """CoOp's optimiser (SGD, momentum 0.9, weight decay 5e-4; `no_decay` tensors get none) and, for fp16,
+    a GradScaler; the same objects on CUDA and on the CPU. Not fused: a fused SGD under a GradScaler
+    allocates the momentum buffer on a skipped (overflowing) step without writing it, and the next step
+    reads that garbage (NaN prompts with fp16); the prompts are a few small tensors, fusing buys nothing."""
+    device = torch.device(device)
+    params = [p for p in params if p.requires_grad]
+    skip = {id(p) for p in no_decay}
+    groups = [{"params": [p for p in params if id(p) not in skip]},
+              {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4, fused=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return opt, scaler
+
+
+def train_step(opt, scaler, loss):
+    """One update. With fp16 the loss is scaled; a step whose gradients overflowed is skipped (parameters
+    and optimiser state untouched) and the scale halved. Returns True if the step was applied."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync only with fp16
+    scaler.step(opt)
+    scaler.update()
+    return scale is None or scaler.get_scale() >= scale
+
+
+def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="fp32", seed=1,
+        device="cpu", desc="train", no_decay=()):
+    """Train `params` (the method's learnable tensors only) with CoOp's recipe.
+
+    epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
+    that epoch's augmented view and the labels); each step gets the same random rows of each, and
+    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
+    optimiser actually used in each epoch."""
+    device = torch.device(device)
+    opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
+    steps = steps_per_epoch(n, batch_size)
+    gen = generator(seed, "batch order")
+    losses, lrs, skipped = [], [], 0
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for epoch in bar:
+        for group in opt.param_groups:
+            group["lr"] = coop_lr(epoch, lr, epochs)
+        tensors = epoch_data(epoch)
+        order = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for step in range(steps):
+            rows = order[step * batch_size:(step + 1) * batch_size]
+            with autocast(device, precision):
+                loss = loss_fn(*[t[rows] for t in tensors])
+            skipped += not train_step(opt, scaler, loss)
+            total += loss.detach().float()
+        mean_loss = float(total) / steps  # one host sync per epoch, none inside the step loop
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; try --precision fp32 "
+                                f"or a smaller --lr")
+        losses.append(mean_loss)
+        lrs.append(opt.param_groups[0]["lr"])
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+    # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
+    collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
+    if collapsed:
+        warnings.warn(f"training loss rose from {losses[1]:.4f} to {losses[-1]:.4f}: this run may have collapsed")
+    return {"steps_per_epoch": steps, "epochs": epochs, "loss_per_epoch": losses, "lr_per_epoch": lrs,
+            "collapsed": collapsed, "skipped_steps": skipped}
+
+
+# ==================================================================================================
+# (3) Evaluation: accuracy, the harmonic mean of base and new, timing, the context's nearest words.
+# ==================================================================================================
+def accuracy(logits, labels):
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base, new):
+    """H = 2BN/(B+N); for averages over datasets, pass the averaged B and N (KgCoOp issue #9)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def seconds(fn, device, repeat=3):
+    """Mean wall time of fn() after one warm-up call, synchronised on a CUDA device (benchmark.py)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+@torch.no_grad()
+def nearest_words(clip, ctx, k=3):
+    """CoOp's interpretability readout: the vocabulary tokens nearest (Euclidean) to each context vector."""
+    vocab = clip.text.token_embedding.weight.float()
+    dist = torch.cdist(ctx.float().reshape(-1, ctx.shape[-1]).to(vocab.device), vocab)
+    decoder = getattr(clip.tokenizer, "decoder", {})
+    return [[(decoder.get(int(i), str(int(i))).replace("</w>", ""), round(float(d), 3))
+             for d, i in zip(*row.topk(k, largest=False))] for row in dist]
+
+
+# ==================================================================================================
+# (4) Loading CLIP: backbones, open_clip tags, checkpoint files and their formats, the activation.
+# ==================================================================================================
+# Tiny open_clip configurations: the same CLIP/ViT code path as ViT-B/16, small enough for CPU tests.
+# `tiny-wide` has a different width and embedding size so it can stand in for a larger teacher.
+TINY_CONFIGS = {
+    "tiny": dict(embed_dim=64,
+                 vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
+    "tiny-wide": dict(embed_dim=96,
+                      vision_cfg=dict(image_size=224, layers=2, width=128, head_width=32, patch_size=32),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=3)),
+}
 
 
 OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")  # what marks an OpenAI state dict
 
 
-def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=False):
-    """Load an open_clip model frozen in eval mode.
+def load_clip(backbone, pretrained, device="cpu", precision="fp32", quick_gelu=False):
+    """Load an open_clip model frozen in eval mode. precision: the tower's autocast, resolved (bf16, fp16, fp32).
 
     pretrained: an open_clip tag ("openai", "dfn5b", ...), a local checkpoint file, or "none" (random
     initialisation, seeded so that the same random model -- and its feature cache -- comes back).
@@ -197,6 +560,8 @@ def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=F
     recognisably OpenAI's is built with it whatever the backbone is called; an open_clip file does not say,
     so the name (ViT-B-16 vs ViT-B-16-quickgelu) or quick_gelu decides, and a note says which."""
     device = torch.device(device)
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"load_clip takes a resolved precision (bf16, fp16 or fp32), not {precision!r}")
     if backbone not in TINY_CONFIGS and backbone not in open_clip.list_models():
         raise UserError(f"unknown backbone {backbone!r}. Choose an open_clip model such as ViT-B-16, ViT-B-32, "
                         f"RN50, ViT-L-14, ViT-H-14-quickgelu, or tiny / tiny-wide for tests.")
@@ -225,6 +590,8 @@ def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=F
         weights = pretrained
     model.eval().requires_grad_(False).to(device)
     text = getattr(model, "text", model)
+    if not getattr(text.transformer, "batch_first", False):  # open_clip < 2.26.1 runs its blocks sequence-first
+        raise UserError(f"open_clip {open_clip.__version__} is too old: pip install 'open_clip_torch>=2.26.1'")
     if getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) != "argmax":
         raise UserError(f"{backbone} pools its text features differently from CLIP (not at the EOT token); "
                         f"prompt learning here needs a CLIP-style text tower.")
@@ -238,7 +605,7 @@ def load_clip(backbone, pretrained, device="cpu", precision="auto", quick_gelu=F
               f"{backbone} is built with {activation} ({source}). If the weights were trained with the other one "
               f"(OpenAI's and every -quickgelu tag use QuickGELU), {other}.", file=sys.stderr)
     return Clip(model, open_clip.get_tokenizer("ViT-B-16" if backbone in TINY_CONFIGS else backbone),
-                backbone, weights, device, resolve_precision(precision, device), activation, source)
+                backbone, weights, precision, activation, source)
 
 
 def _build(backbone, quick_gelu, device="cpu"):
@@ -333,176 +700,13 @@ def _from_tag(backbone, pretrained, quick_gelu):
             f"QuickGELU).") from None
 
 
-# --------------------------------------------------------------------------------------------------
-# Text tower at the embedding level
-# --------------------------------------------------------------------------------------------------
-def tokenize(clip, texts):
-    return clip.tokenizer(texts).to(clip.device)
+# ==================================================================================================
+# (5) The feature cache: CoOp's transforms, augmented views, frozen image-tower features on disk.
+# ==================================================================================================
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CoOp/Dassl INPUT.PIXEL_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def eot_positions(tokens):
-    """CLIP pools at the EOT token, the largest token id of each sequence."""
-    return tokens.argmax(dim=-1)
-
-
-def encode_text(clip, x, eot):
-    """Text features (N, D) of token embeddings x (N, L, width): CoOp's TextEncoder.forward,
-    https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L46-L57
-
-    Because the mask is causal and the output is read at the EOT token, every position after the longest
-    EOT is dead weight: callers pass sequences cut to max(eot) + 1 (the tests prove that the result equals
-    the full 77-token encoding)."""
-    text, L = clip.text, x.shape[1]
-    x = x + text.positional_embedding[:L].to(x.dtype)
-    x = text.transformer(x, attn_mask=text.attn_mask[:L, :L])  # CLIP's causal mask, cut to the length
-    x = text.ln_final(x)
-    x = x[torch.arange(len(x), device=x.device), eot]  # the feature at the EOT token
-    return project_text(clip, x)
-
-
-def project_text(clip, x):
-    proj = clip.text.text_projection
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
-
-
-@torch.no_grad()
-def encode_texts(clip, texts, batch_size=1000):
-    """Frozen text features of plain strings (hand-crafted prompts), EOT-cut per batch."""
-    feats = []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip, texts[i:i + batch_size])
-        eot = eot_positions(tokens)
-        tokens = tokens[:, : int(eot.max()) + 1]
-        feats.append(encode_text(clip, clip.text.token_embedding(tokens), eot).float())
-    return torch.cat(feats)
-
-
-def words_to_embeddings(clip, words):
-    """Token embeddings of an initialisation phrase such as "a photo of a" (CoOp's ctx_init)."""
-    tokens = tokenize(clip, [words])
-    n = int(eot_positions(tokens)[0]) - 1
-    with torch.no_grad():
-        return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
-
-
-# The same tower cut in two at block `layer`, for EMPL, which samples the prompt's hidden states entering
-# the top blocks: encode_hidden(clip, hidden_states(clip, x, layer), eot, layer) == encode_text(clip, x, eot).
-def hidden_states(clip, x, layer):
-    """Hidden states entering transformer block `layer` for token embeddings x (layer 0: x + positions)."""
-    x = x + clip.text.positional_embedding[: x.shape[1]].to(x.dtype)
-    return run_text_blocks(clip, x, stop=layer)
-
-
-def encode_hidden(clip, h, eot, layer):
-    """Text features from hidden states h entering block `layer`: the rest of the tower."""
-    x = clip.text.ln_final(run_text_blocks(clip, h, start=layer))
-    return project_text(clip, x[torch.arange(len(x), device=x.device), eot])
-
-
-def run_text_blocks(clip, x, start=0, stop=None):
-    """Causal transformer blocks [start, stop) on hidden states x (N, L, width)."""
-    text, L = clip.text, x.shape[1]
-    if not text.transformer.batch_first:
-        x = x.transpose(0, 1)
-    for block in text.transformer.resblocks[start:stop]:
-        x = block(x, attn_mask=text.attn_mask[:L, :L])
-    return x if text.transformer.batch_first else x.transpose(0, 1)
-
-
-class ClassPrompts:
-    """CoOp's prompt layout for a list of class names, at the token-embedding level:
-        end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
-        middle: [SOS] [ctx_1 .. ctx_M/2] [CLASS] [ctx_M/2+1 .. ctx_M] . [EOT]
-        front:  [SOS] [CLASS] [ctx_1 .. ctx_M] . [EOT]
-    Only token ids are stored (a 100k-name vocabulary fits), cut after the longest EOT; the frozen token
-    embeddings are looked up per call, for all names or for `rows`, a selection of them (cut again
-    after the selection's longest EOT). The learnable context is passed in, so the method file owns
-    its parameters."""
-
-    def __init__(self, clip, classnames, n_ctx, position="end"):
-        if position not in ("end", "middle", "front"):
-            raise UserError(f"class token position must be end, middle or front, not {position!r}")
-        self.clip, self.n_ctx, self.position = clip, n_ctx, position
-        names = [name.replace("_", " ") for name in classnames]
-        tokens = tokenize(clip, [" ".join(["X"] * n_ctx + [f"{name}."]) for name in names])
-        eot = eot_positions(tokens)
-        self.tokens, self.eot = tokens[:, :int(eot.max()) + 1], eot
-        if position != "end":  # BPE tokens of each class name (CoOp's name_lens)
-            self.name_lens = [len(clip.tokenizer.encode(name)) for name in names]
-
-    def token_embeddings(self, rows=None):
-        """Frozen embeddings (R, L, d) and EOT positions of the selected prompts (all when rows is None)."""
-        tokens, eot = self.tokens, self.eot
-        if rows is not None:
-            tokens, eot = tokens[rows], eot[rows]
-            tokens = tokens[:, :int(eot.max()) + 1]  # the causal mask makes later positions dead weight
-        with torch.no_grad():
-            return self.clip.text.token_embedding(tokens).float(), eot
-
-    def embed(self, ctx, rows=None):
-        """Prompts (R, L, d) around ctx: (M, d) shared by all classes, or (C, M, d) class-specific."""
-        emb, _ = self.token_embeddings(rows)
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(len(emb), -1, -1)
-        elif rows is not None:
-            ctx = ctx[rows]
-        ctx = ctx.to(emb.dtype)
-        prefix, suffix = emb[:, :1], emb[:, 1 + self.n_ctx:]  # [SOS] and [CLASS . EOT]
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        lens = self.name_lens if rows is None else [self.name_lens[int(r)] for r in rows]
-        half = self.n_ctx // 2
-        prompts = []
-        for i, n in enumerate(lens):
-            cls, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            if self.position == "middle":
-                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest]
-            else:
-                parts = [prefix[i:i + 1], cls, ctx[i:i + 1], rest]
-            prompts.append(torch.cat(parts, dim=1))
-        return torch.cat(prompts)
-
-    def context_mask(self, rows=None):
-        """(R, L, 1): 1 at the positions embed() fills with context, 0 at SOS, class, "." and EOT."""
-        emb, _ = self.token_embeddings(rows)
-        mask = torch.zeros(emb.shape[0], emb.shape[1], 1, device=emb.device)
-        if self.position == "end":
-            mask[:, 1:1 + self.n_ctx] = 1
-            return mask
-        lens = self.name_lens if rows is None else [self.name_lens[int(r)] for r in rows]
-        half = self.n_ctx // 2
-        for i, n in enumerate(lens):
-            if self.position == "middle":
-                mask[i, 1:1 + half] = mask[i, 1 + half + n:1 + self.n_ctx + n] = 1
-            else:
-                mask[i, 1 + n:1 + n + self.n_ctx] = 1
-        return mask
-
-    def features(self, ctx, rows=None):
-        """Text features g(t_i) (R, D) of the prompts with context ctx (of the names in rows, or all)."""
-        return encode_text(self.clip, self.embed(ctx, rows), self.eot if rows is None else self.eot[rows])
-
-
-def cosine_logits(image_feats, text_feats, logit_scale):
-    """logits = s * norm(f(x)) @ norm(g(t)).T  (CLIP's classifier, CoOp's p(y|x)), in fp32 even under
-    autocast: at s = 100, bf16 logits come in steps of 0.25-0.5, and ties would favour low class indices."""
-    with torch.autocast(image_feats.device.type, enabled=False):
-        return logit_scale * F.normalize(image_feats.float(), dim=-1) @ F.normalize(text_feats.float(), dim=-1).t()
-
-
-@torch.no_grad()
-def nearest_words(clip, ctx, k=3):
-    """CoOp's interpretability readout: the vocabulary tokens nearest (Euclidean) to each context vector."""
-    vocab = clip.text.token_embedding.weight.float()
-    dist = torch.cdist(ctx.float().reshape(-1, ctx.shape[-1]).to(vocab.device), vocab)
-    decoder = getattr(clip.tokenizer, "decoder", {})
-    return [[(decoder.get(int(i), str(int(i))).replace("</w>", ""), round(float(d), 3))
-             for d, i in zip(*row.topk(k, largest=False))] for row in dist]
-
-
-# --------------------------------------------------------------------------------------------------
-# Image tower and the feature cache
-# --------------------------------------------------------------------------------------------------
 def train_transform(size):
     return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
@@ -549,19 +753,48 @@ def _collate(batch):
     return (None if errors else torch.stack([image for image, _ in batch])), errors
 
 
+def check_read(errors, what):
+    """One message for the images of a batch that could not be read (ImageFiles' error strings)."""
+    if errors:
+        raise data.DataError(f"cannot read {len(errors)} {what}, e.g. {errors[0]}. Replace the file(s) (re-download "
+                             f"the dataset) or fix --data-root.")
+
+
+class ViewImages:
+    """The training images in augmented view `view`, decoded when a step asks for them: view_images[rows] ->
+    (B, 3, H, W) on device. A prompted image tower sees the very crop a frozen tower's cached feature of view k
+    was computed from (view_seed), so a student and its teacher always look at the same pixels."""
+
+    def __init__(self, items, size, view, device):
+        self.files, self.device = ImageFiles(items, size, view), device
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, rows):
+        images, errors = _collate([self.files[int(i)] for i in rows])
+        check_read(errors, "training image(s)")
+        return images.to(self.device, non_blocking=True)
+
+
 def locked(path):
     """A lock file beside path: runs sharing a cache (seeds, a cluster sweep) merge into it one at a time."""
     return FileLock(f"{path}.lock")
 
 
-def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a reader, or an interrupted run, never sees a
-    half-written file."""
+def write_atomic(path, write):
+    """Every file the project writes goes through here: write(tmp) fills a temporary file beside path, which
+    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path), atomically (write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def file_stamp(path):
@@ -587,9 +820,12 @@ class FeatureCache:
 
     def path(self, clip, dataset, view):
         name = "test" if view == "test" else f"train_view{int(view):04d}"
+        # the tower: architecture, weights, activation and input size
+        tower = f"{clip.backbone}__{clip.weights}__{clip.activation}__{clip.image_size}"
+        tower = tower.replace("/", "-").replace(":", "-")
         # the device type as well: cuDNN runs the patch convolution in TF32 even for fp32 on CUDA
         numerics = f"{clip.device.type}-{clip.precision}"
-        return Path(self.root) / f"{clip.tower_id}__{numerics}" / dataset / f"{name}.pt"
+        return Path(self.root) / f"{tower}__{numerics}" / dataset / f"{name}.pt"
 
     def get(self, clip, dataset, items, view):
         """Features (N, D) float32 on clip.device, in the order of items."""
@@ -630,9 +866,7 @@ class FeatureCache:
         feats = []
         desc = f"{clip.backbone} features ({'test' if view == 'test' else f'train view {view}'})"
         for images, errors in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 3):
-            if errors:
-                raise data.DataError(f"cannot read {len(errors)} image(s) of {dataset}, e.g. {errors[0]}. "
-                                     f"Replace the file(s) (re-download the dataset) or fix --data-root.")
+            check_read(errors, f"image(s) of {dataset}")
             with autocast(clip.device, clip.precision):
                 # stored as computed (fp32, or bf16/fp16 under autocast): a cached feature is the computed one
                 feats.append(clip.model.encode_image(images.to(clip.device, non_blocking=True)))
@@ -650,147 +884,9 @@ def _read_features(path):
     return {rel: (tuple(stamp), f) for rel, stamp, f in zip(stored["rel"], stored["stamp"], stored["feats"])}
 
 
-# --------------------------------------------------------------------------------------------------
-# Training: CoOp's optimiser, schedule and loader semantics
-# --------------------------------------------------------------------------------------------------
-def coop_lr(epoch, base_lr, max_epoch, warmup_lr=1e-5):
-    """Dassl's per-epoch learning rate (0-based epoch): one constant warm-up epoch at 1e-5, then
-    cosine from base_lr over max_epoch epochs, restarted after the warm-up (WARMUP_RECOUNT)."""
-    if epoch == 0:
-        return warmup_lr
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / max_epoch))
-
-
-FEWSHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp configs: *_ep50, *_ep100, default (200)
-IMAGENET_EPOCHS = 50                                        # CoOp's ImageNet configs (rn50_ep50, vit_b16_ep50)
-
-
-def fewshot_epochs(dataset, shots):
-    """CoOp's few-shot epochs for a shot count (None where the official configs have none)."""
-    return IMAGENET_EPOCHS if data.canonical_name(dataset) == "imagenet" else FEWSHOT_EPOCHS.get(shots)
-
-
-def resolve_epochs(parser, args, base2new=None):
-    """--epochs, else CoOp's recipe: few-shot epochs per shot count (ImageNet 50), and `base2new` epochs
-    for the base-to-new protocol when given (ImageNet keeps 50)."""
-    if args.epochs is None:
-        official = fewshot_epochs(args.dataset, args.shots)
-        imagenet = data.canonical_name(args.dataset) == "imagenet"
-        base_to_new = args.protocol == "base2new" and base2new is not None and not imagenet
-        args.epochs = base2new if base_to_new else official
-        if args.epochs is None:
-            parser.error(f"no official epoch count for {args.shots} shots; pass --epochs")
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-
-
-def steps_per_epoch(n, batch_size):
-    """Dassl: drop_last = len(dataset) >= batch_size, so a set smaller than a batch is one batch."""
-    steps = n // batch_size if n >= batch_size else (1 if n > 0 else 0)
-    if steps < 1:
-        raise UserError(f"no training step per epoch (training set of {n} images): nothing to learn from")
-    return steps
-
-
-class TrainingError(UserError):
-    pass
-
-
-def optimizer_and_scaler(params, lr, precision, device, no_decay=()):
-    """CoOp's optimiser (SGD, momentum 0.9, weight decay 5e-4; `no_decay` tensors get none) and, for fp16,
-    a GradScaler; the same objects on CUDA and on the CPU. Not fused: a fused SGD under a GradScaler
-    allocates the momentum buffer on a skipped (overflowing) step without writing it, and the next step
-    reads that garbage (NaN prompts with fp16); the prompts are a few small tensors, fusing buys nothing."""
-    device = torch.device(device)
-    params = [p for p in params if p.requires_grad]
-    skip = {id(p) for p in no_decay}
-    groups = [{"params": [p for p in params if id(p) not in skip]},
-              {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
-    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4, fused=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
-    return opt, scaler
-
-
-def train_step(opt, scaler, loss):
-    """One update. With fp16 the loss is scaled; a step whose gradients overflowed is skipped (parameters
-    and optimiser state untouched) and the scale halved. Returns True if the step was applied."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync only with fp16
-    scaler.step(opt)
-    scaler.update()
-    return scale is None or scaler.get_scale() >= scale
-
-
-def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="auto", seed=1,
-        device="cpu", desc="train", no_decay=()):
-    """Train `params` (the method's learnable tensors only) with CoOp's recipe.
-
-    epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
-    that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
-    optimiser actually used in each epoch."""
-    device = torch.device(device)
-    opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
-    steps = steps_per_epoch(n, batch_size)
-    gen = generator(seed, "batch order")
-    losses, lrs, skipped = [], [], 0
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not sys.stderr.isatty())
-    for epoch in bar:
-        for group in opt.param_groups:
-            group["lr"] = coop_lr(epoch, lr, epochs)
-        tensors = epoch_data(epoch)
-        order = torch.randperm(n, generator=gen).to(device)
-        total = torch.zeros((), device=device)
-        for step in range(steps):
-            rows = order[step * batch_size:(step + 1) * batch_size]
-            with autocast(device, precision):
-                loss = loss_fn(*[t[rows] for t in tensors])
-            skipped += not train_step(opt, scaler, loss)
-            total += loss.detach().float()
-        mean_loss = float(total) / steps  # one host sync per epoch, none inside the step loop
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; try --precision fp32 "
-                                f"or a smaller --lr")
-        losses.append(mean_loss)
-        lrs.append(opt.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-    # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
-    collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
-    if collapsed:
-        warnings.warn(f"training loss rose from {losses[1]:.4f} to {losses[-1]:.4f}: this run may have collapsed")
-    return {"steps_per_epoch": steps, "epochs": epochs, "loss_per_epoch": losses, "lr_per_epoch": lrs,
-            "collapsed": collapsed, "skipped_steps": skipped}
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
-def accuracy(logits, labels):
-    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
-
-
-def harmonic_mean(base, new):
-    """H = 2BN/(B+N); for averages over datasets, pass the averaged B and N (KgCoOp issue #9)."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
-def seconds(fn, device, repeat=3):
-    """Mean wall time of fn() after one warm-up call, synchronised on a CUDA device (benchmark.py)."""
-    device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeat
-
-
-# --------------------------------------------------------------------------------------------------
-# An experiment: data, subsets, towers, cached features
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# (6) Running an experiment: the experiment object, the command line, the run folder, results files.
+# ==================================================================================================
 @dataclass
 class EvalSet:
     dataset: str      # the dataset its images come from (the training one, or an --eval-on target)
@@ -800,7 +896,7 @@ class EvalSet:
 
 
 @dataclass
-class Task:
+class Experiment:
     """Everything a method needs for one (dataset, protocol, shots, seed): the frozen CLIP, the few-shot
     training items and their class names, cached features, and the evaluation sets
     ({"all": ...} for few-shot, {"base": ..., "new": ...} for base-to-new)."""
@@ -822,6 +918,12 @@ class Task:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
 
+    def train_images(self, epoch):
+        """The training images in the view used at `epoch` (the same view as train_features), decoded per step:
+        the input of a prompted image tower, which no cache can serve."""
+        view = epoch % self.n_views if self.n_views > 0 else epoch
+        return ViewImages(self.train, self.clip.image_size, view, self.clip.device)
+
     def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc=""):
         """common.fit with this run's settings (--epochs, --batch-size, --lr, precision, seed, device) over
         its training set; epoch_data defaults to (that epoch's view features, labels). The training time
@@ -838,41 +940,46 @@ class Task:
         """The prompt.pt given by --load-prompt (None when this run trains), checked against this run:
         written by `method`, for the same backbone, weights and activation."""
         path = getattr(self.args, "load_prompt", None)
-        if not path:
-            return None
-        try:
-            saved = torch.load(path, map_location=self.clip.device)
-        except Exception as err:  # missing, truncated, not a torch file
-            raise UserError(f"--load-prompt {path}: cannot read it ({type(err).__name__}: {err}); give the prompt.pt "
-                            f"that a training run wrote next to its results.json") from None
-        if not isinstance(saved, dict) or saved.get("method") != method:
-            found = saved.get("method") if isinstance(saved, dict) else None
-            raise UserError(f"--load-prompt {path} was written by {found or 'something else'}, not by {method}: "
-                            f"evaluate it with that method's file")
-        mine = (self.clip.backbone, self.clip.weights, self.clip.activation)
-        theirs = (saved.get("backbone"), saved.get("weights"), saved.get("activation"))
-        if mine != theirs:
-            raise UserError(f"--load-prompt {path} was trained with {' / '.join(map(str, theirs))}; this run loads "
-                            f"{' / '.join(mine)}: pass the same --backbone, --pretrained (and --quick-gelu)")
-        return saved
+        return read_prompt(path, "--load-prompt", self.clip, [method], "evaluate it with that method's file") \
+            if path else None
+
+    def test_image_batches(self, ev):
+        """The test images of an evaluation set in batches (100 on CUDA, as Dassl's test loader; 32 on the CPU),
+        decoded by --workers loader processes, on the device."""
+        batch_size = 100 if self.clip.device.type == "cuda" else 32
+        loader = torch.utils.data.DataLoader(ImageFiles(ev.items, self.clip.image_size, "test"), batch_size=batch_size,
+                                             num_workers=self.cache.workers, collate_fn=_collate,
+                                             pin_memory=self.clip.device.type == "cuda", generator=torch.Generator())
+        for images, errors in loader:
+            check_read(errors, f"image(s) of {ev.dataset}")
+            yield images.to(self.clip.device, non_blocking=True)
 
     def eval_features(self, ev, clip=None):
         """Test features of an evaluation set (encoded on first use, so a run checks everything cheap --
         files, keys, flags -- before the image tower runs)."""
         return self.cache.get(clip or self.clip, ev.dataset, ev.items, "test")
 
-    def evaluate(self, predict):
-        """predict(classnames, image_feats) -> fp32 logits. Returns accuracies: "accuracy" (few-shot) or
-        "base", "new" and "H" (base-to-new), plus one per --eval-on dataset, under its name."""
+    def evaluate(self, predict, clip=None, time_as="evaluation_s", images=False):
+        """predict(classnames, image_feats) -> fp32 logits, on the test features of `clip` (default: this run's
+        CLIP; KDPL's teacher passes its own). With images=True (a prompted image tower, which no cache can serve):
+        predict(classnames) -> classify, applied to batches of test images, classify(images) -> fp32 logits (the
+        text side is built once per class list). Returns accuracies: "accuracy" (few-shot) or "base", "new"
+        and "H" (base-to-new), plus one per --eval-on dataset, under its name. The time goes to times[time_as]."""
+        clip = clip or self.clip
         start, feature_s = time.perf_counter(), self.cache.seconds
         metrics = {}
         for name, ev in self.evals.items():
-            feats = self.eval_features(ev)
-            with torch.no_grad(), autocast(self.clip.device, self.clip.precision):
-                metrics[name if name != "all" else "accuracy"] = accuracy(predict(ev.classnames, feats), ev.labels)
+            feats = None if images else self.eval_features(ev, clip)  # from the cache, or encoded once into it
+            with torch.no_grad(), autocast(clip.device, clip.precision):
+                if images:
+                    classify = predict(ev.classnames)
+                    logits = torch.cat([classify(x) for x in self.test_image_batches(ev)])
+                else:
+                    logits = predict(ev.classnames, feats)
+            metrics[name if name != "all" else "accuracy"] = accuracy(logits, ev.labels)
         if "base" in metrics:
             metrics["H"] = harmonic_mean(metrics["base"], metrics["new"])
-        self.times["evaluation_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
+        self.times[time_as] = time.perf_counter() - start - (self.cache.seconds - feature_s)
         return metrics
 
 
@@ -890,8 +997,9 @@ def prepare(args, seed, backbone=None, pretrained=None):
     if args.shots > available:
         raise UserError(f"--shots {args.shots} asks for more images than the smallest class of {ds.name} has "
                         f"({available}); choose at most {available}")
-    clip = load_clip(backbone or args.backbone, pretrained or args.pretrained, device, args.precision,
-                     getattr(args, "quick_gelu", False))
+    clip = load_clip(backbone or args.backbone, pretrained or args.pretrained, device,
+                     resolve_precision(args.precision, device), getattr(args, "quick_gelu", False))
+    clip.model.set_grad_checkpointing(args.grad_checkpointing)  # open_clip's own: torch.utils.checkpoint per block
     cache = FeatureCache(Path(args.cache_dir), workers=args.workers)
     if args.protocol == "base2new":
         # Dassl subsamples train, val and test together, taking the classes from the few-shot train set
@@ -909,7 +1017,7 @@ def prepare(args, seed, backbone=None, pretrained=None):
         source = ds.name if which in ("all", "base", "new") else which
         evals[which] = EvalSet(source, names, test, torch.tensor([it.label for it in test], device=device))
     labels = torch.tensor([it.label for it in train], device=device)
-    return Task(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
+    return Experiment(args, seed, clip, ds, classnames, train, labels, evals, cache, args.aug_views)
 
 
 def resolve_device(name):
@@ -931,9 +1039,6 @@ def resolve_device(name):
     return device
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line and results
-# --------------------------------------------------------------------------------------------------
 def base_parser(description, protocol="fewshot", protocol_help=None):
     """The flags every method shares. Defaults here are CoOp's; a method sets its own with
     parser.set_defaults(...), and its default protocol here (None: the method resolves it after parsing)."""
@@ -976,6 +1081,9 @@ def base_parser(description, protocol="fewshot", protocol_help=None):
                    help="autocast dtype (fp32 master weights always; fp16 adds a GradScaler). auto: bf16 on "
                         "CUDA, fp32 on the CPU; bf16/fp16 on the CPU run CPU autocast")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute the towers' activations in the backward pass instead of keeping them: the same "
+                        "numbers in a fraction of the memory (CoCoOp on 1,000 classes), for more time per step")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     return p
 
@@ -1026,13 +1134,43 @@ def _to_cpu(value):
     return value
 
 
-def save_prompt(out, task, method, ctx, position="end", csc=False, **fields):
+def save_prompt(out, exp, method, ctx, position="end", csc=False, **fields):
     """prompt.pt, one format for every method: the learned context ctx (shared (M, d), class-specific
-    (C, M, d), or one per prompt), the method's other learned tensors, and what they belong to (method,
-    classes, backbone, weights, activation), on the CPU so that it loads anywhere (--load-prompt)."""
-    save_atomic(_to_cpu({"method": method, "ctx": ctx, "n_ctx": ctx.shape[-2], "position": position, "csc": csc,
-                         **fields, "classnames": task.classnames, "backbone": task.clip.backbone,
-                         "weights": task.clip.weights, "activation": task.clip.activation}), out / "prompt.pt")
+    (C, M, d), or one per prompt; None for a method without one, VPT), the method's other learned tensors, and
+    what they belong to (method, classes, backbone, weights, activation), on the CPU so that it loads anywhere
+    (--load-prompt)."""
+    n_ctx = None if ctx is None else ctx.shape[-2]
+    save_atomic(_to_cpu({"method": method, "ctx": ctx, "n_ctx": n_ctx, "position": position, "csc": csc,
+                         **fields, "classnames": exp.classnames, "backbone": exp.clip.backbone,
+                         "weights": exp.clip.weights, "activation": exp.clip.activation}), out / "prompt.pt")
+
+
+def require_prompted_vit(clip, method):
+    """A prompted image tower needs a ViT (a ResNet has no tokens to prompt): one message before any work."""
+    if not isinstance(clip.model.visual, open_clip.transformer.VisionTransformer):
+        raise UserError(f"{method} puts learned tokens inside the image tower's transformer layers: it needs a ViT "
+                        f"backbone (e.g. ViT-B-16, ViT-B-32), not {clip.backbone}")
+
+
+def read_prompt(path, flag, clip, methods, advice):
+    """A prompt.pt that save_prompt wrote, given by `flag` (--load-prompt, EMPL's --init-from), checked before
+    anything uses it: readable, written by one of `methods`, for this CLIP (backbone, weights, activation).
+    advice: what to do instead when another method wrote it."""
+    try:
+        saved = torch.load(path, map_location=clip.device)
+    except Exception as err:  # missing, truncated, not a torch file
+        raise UserError(f"{flag} {path}: cannot read it ({type(err).__name__}: {err}); give the prompt.pt "
+                        f"that a training run wrote next to its results.json") from None
+    found = saved.get("method") if isinstance(saved, dict) else None
+    if found not in methods:
+        raise UserError(f"{flag} {path} was written by {found or 'something else'}, not by {' or '.join(methods)}: "
+                        f"{advice}")
+    mine = (clip.backbone, clip.weights, clip.activation)
+    theirs = (saved.get("backbone"), saved.get("weights"), saved.get("activation"))
+    if mine != theirs:
+        raise UserError(f"{flag} {path} was trained with {' / '.join(map(str, theirs))}; this run loads "
+                        f"{' / '.join(mine)}: pass the same --backbone, --pretrained (and --quick-gelu)")
+    return saved
 
 
 def versions():
@@ -1041,27 +1179,24 @@ def versions():
             "cuda": torch.version.cuda if torch.cuda.is_available() else None}
 
 
-def write_results(out, task, method, metrics, extra):
+def write_results(out, exp, method, metrics, extra):
     """results.json: metrics, full config, versions, weights identity, times, the training subset."""
     result = {
-        "method": method, "dataset": task.dataset.name, "protocol": task.args.protocol,
-        "shots": task.args.shots, "seed": task.seed, "metrics": metrics,
-        "backbone": task.clip.backbone, "weights": task.clip.weights,
-        "activation": {"name": task.clip.activation, "chosen_by": task.clip.activation_source},
-        "precision": task.clip.precision,
-        "config": {k: v for k, v in vars(task.args).items()},
-        "versions": versions(), "device": str(task.clip.device),
-        "times": dict(task.times, feature_extraction_s=task.cache.seconds, images_encoded=task.cache.computed,
-                      feature_extraction_s_by_tower=dict(task.cache.seconds_by_tower)),
-        "classnames": task.classnames,
-        "eval_classnames": {name: ev.classnames for name, ev in task.evals.items()},
-        "train_images": [it.rel for it in task.train],
+        "method": method, "dataset": exp.dataset.name, "protocol": exp.args.protocol,
+        "shots": exp.args.shots, "seed": exp.seed, "metrics": metrics,
+        "backbone": exp.clip.backbone, "weights": exp.clip.weights,
+        "activation": {"name": exp.clip.activation, "chosen_by": exp.clip.activation_source},
+        "precision": exp.clip.precision,
+        "config": {k: v for k, v in vars(exp.args).items()},
+        "versions": versions(), "device": str(exp.clip.device),
+        "times": dict(exp.times, feature_extraction_s=exp.cache.seconds, images_encoded=exp.cache.computed,
+                      feature_extraction_s_by_tower=dict(exp.cache.seconds_by_tower)),
+        "classnames": exp.classnames,
+        "eval_classnames": {name: ev.classnames for name, ev in exp.evals.items()},
+        "train_images": [it.rel for it in exp.train],
         **extra,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"results.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "results.json")  # atomic: an interrupted run leaves no half-written results
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return result
 
 

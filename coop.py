@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import common
 
 EPOCHS_BASE2NEW = 200  # vit_b16_ctxv1 (CoCoOp's CoOp baseline); few-shot: common.FEWSHOT_EPOCHS
+# KDPL's CoOp student (kdpl.py --student coop): miccunifi/KDPL src/configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml
+KDPL_CONFIG = dict(backbone="ViT-B-32", epochs=50, batch_size=32, lr=0.002, ctx_init="a photo of a")
 
 
 def parse_args(argv=None):
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     return args
 
 
+# --------------------------------------------------------------------------------------------------
+# The method (paper §3.2): the learnable context, its prompts, the loss
+# --------------------------------------------------------------------------------------------------
 class CoOp(nn.Module):
     """The learnable context V and the prompts built around it."""
 
@@ -75,68 +80,91 @@ class CoOp(nn.Module):
             shape = (len(classnames), n_ctx, clip.ctx_dim) if csc else (n_ctx, clip.ctx_dim)
             ctx = torch.randn(shape, generator=gen) * 0.02  # nn.init.normal_(std=0.02), drawn on the CPU
         self.ctx = nn.Parameter(ctx.to(clip.device))
+        self.n_ctx = self.ctx.shape[-2]  # from words: their token count
         self.classnames = list(classnames)
+        self.prompts = common.ClassPrompts(clip, classnames, self.n_ctx, position)  # t_i of the training classes
 
-    def prompts(self, classnames):
-        if self.csc and list(classnames) != self.classnames:
+    def class_prompts(self, classnames=None):
+        """The training classes' prompts, or those of another class list (a test set's)."""
+        if classnames is None or list(classnames) == self.classnames:
+            return self.prompts
+        if self.csc:
             raise common.UserError("a class-specific context exists only for its training classes")
-        return self.clip.prompts(classnames, self.n_ctx, self.position)
+        return common.ClassPrompts(self.clip, classnames, self.n_ctx, self.position)
 
-    def logits(self, image_feats, classnames=None):
-        text = self.prompts(classnames or self.classnames).features(self.ctx)  # g(t_i) for every class
+    def logits(self, image_feats, classnames=None, rows=None):
+        """s cos(f(x), g(t_i)) (B, C) over the training classes (or `classnames`, or the selected `rows`)."""
+        text = self.class_prompts(classnames).features(self.ctx, rows)  # g(t_i) for every class
         return common.cosine_logits(image_feats, text, self.clip.logit_scale)  # s * cos(f(x), g(t_i))
+
+    def trainable(self):
+        return [self.ctx]
 
 
 def coop_loss(model, image_feats, labels):
     return F.cross_entropy(model.logits(image_feats), labels)  # L = CE(p(y|x), y)
 
 
-def saved_model(task, saved):
+IMAGE_INPUT = "features"  # what logits() takes: cached image features (kdpl.py)
+
+
+def add_student_flags(p):
+    """The flags of KDPL's CoOp student (kdpl.py --student coop): its context's init words."""
+    p.add_argument("--ctx-init", help="words initialising the student's shared context (M = their token count)")
+
+
+def kdpl_student(clip, names, args, seed):
+    """The student KDPL trains (kdpl.py --student coop): a shared context from words, class token at the end."""
+    return CoOp(clip, names, n_ctx=None, ctx_init=args.ctx_init)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: a saved prompt, zero-shot CLIP, the training and evaluation run, results
+# --------------------------------------------------------------------------------------------------
+
+
+def saved_model(exp, saved):
     """The CoOp of a --load-prompt file (a class-specific context only for its own classes)."""
-    if saved["csc"] and any(ev.classnames != saved["classnames"] for ev in task.evals.values()):
+    if saved["csc"] and any(ev.classnames != saved["classnames"] for ev in exp.evals.values()):
         raise common.UserError(f"--load-prompt holds a class-specific context for {len(saved['classnames'])} other "
                                f"classes; it can only be evaluated on the classes it was trained on")
-    model = CoOp(task.clip, saved["classnames"] if saved["csc"] else task.classnames, saved["n_ctx"],
-                 position=saved["position"], csc=saved["csc"], gen=common.generator(task.seed, "context init"))
+    model = CoOp(exp.clip, saved["classnames"] if saved["csc"] else exp.classnames, saved["n_ctx"],
+                 position=saved["position"], csc=saved["csc"], gen=common.generator(exp.seed, "context init"))
     model.ctx.data.copy_(saved["ctx"])
     return model
 
 
-def zero_shot_predict(task):
-    template = task.dataset.template
-    cache = {}
-
+def zero_shot_predict(exp):
+    """Zero-shot CLIP: the dataset's hand-crafted template (CoOp's CUSTOM_TEMPLATES) around each class name."""
     def predict(classnames, feats):
-        key = tuple(classnames)
-        if key not in cache:
-            cache[key] = common.encode_texts(task.clip, [template.format(c.replace("_", " ")) for c in classnames])
-        return common.cosine_logits(feats, cache[key], task.clip.logit_scale)
+        text = common.encode_texts(exp.clip, [exp.dataset.template.format(c.replace("_", " ")) for c in classnames])
+        return common.cosine_logits(feats, text, exp.clip.logit_scale)
     return predict
 
 
 def run(args, seed):
     method = "zsclip" if args.zero_shot else "coop"
     out = common.claim_run_dir(args, method, seed)
-    task = common.prepare(args, seed)
+    exp = common.prepare(args, seed)
     if args.zero_shot:
-        metrics = task.evaluate(zero_shot_predict(task))
-        common.write_results(out, task, method, metrics, {"template": task.dataset.template})
+        metrics = exp.evaluate(zero_shot_predict(exp))
+        common.write_results(out, exp, method, metrics, {"template": exp.dataset.template})
         return metrics
-    saved = task.load_prompt("coop")
+    saved = exp.load_prompt("coop")
     if saved:
-        model, extra = saved_model(task, saved), {"loaded_from": args.load_prompt}
+        model, extra = saved_model(exp, saved), {"loaded_from": args.load_prompt}
     else:
-        model = CoOp(task.clip, task.classnames, args.n_ctx, args.ctx_init, args.class_token_position, args.csc,
+        model = CoOp(exp.clip, exp.classnames, args.n_ctx, args.ctx_init, args.class_token_position, args.csc,
                      gen=common.generator(seed, "context init"))
-        extra = {"train": task.fit([model.ctx], lambda feats, labels: coop_loss(model, feats, labels), desc="CoOp")}
-    metrics = task.evaluate(lambda names, feats: model.logits(feats, names))
-    extra["nearest_words"] = common.nearest_words(task.clip, model.ctx.detach())
+        extra = {"train": exp.fit([model.ctx], lambda feats, labels: coop_loss(model, feats, labels), desc="CoOp")}
+    metrics = exp.evaluate(lambda names, feats: model.logits(feats, names))
+    extra["nearest_words"] = common.nearest_words(exp.clip, model.ctx.detach())
     if not model.csc:
         print("nearest words of each context vector:",
               " | ".join(" ".join(w for w, _ in ws) for ws in extra["nearest_words"]))
     if not saved:
-        common.save_prompt(out, task, "coop", model.ctx, model.position, model.csc, ctx_init=args.ctx_init)
-    common.write_results(out, task, method, metrics, extra)
+        common.save_prompt(out, exp, "coop", model.ctx, model.position, model.csc, ctx_init=args.ctx_init)
+    common.write_results(out, exp, method, metrics, extra)
     return metrics
 
 

@@ -90,7 +90,117 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------- h: the LLM embedder
+# --------------------------------------------------------------------------------------------------
+# The method: stage 1 (phi and psi on D_name), stage 2 (the weighted prompts and their loss)
+# --------------------------------------------------------------------------------------------------
+def mlp(d_in, hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))  # reconstruction: 2 layers
+
+
+def angular(a, b):
+    """mean 1 - cos(a, b) over rows: the angular distance used by every DeMul term."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def pretrain_loss(phi, psi, u, v):
+    """u = g(name), v = h(name), unit norm. reconstruction: both alignments + both cycles, all angular."""
+    pu, pv = phi(u), psi(v)
+    return angular(pu, v) + angular(pv, u) + angular(psi(pu), u) + angular(phi(pv), v)
+
+
+def pretrain_maps(u, v, hidden, epochs, lr, batch_size=256, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        phi, psi = mlp(u.shape[1], hidden, v.shape[1]).to(u.device), mlp(v.shape[1], hidden, u.shape[1]).to(u.device)
+        opt = torch.optim.Adam([*phi.parameters(), *psi.parameters()], lr=lr)  # reconstruction: Adam
+        losses = []
+        for _ in range(epochs):
+            total = torch.zeros((), device=u.device)
+            for rows in torch.randperm(len(u)).to(u.device).split(batch_size):
+                loss = pretrain_loss(phi, psi, u[rows], v[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(rows)
+            losses.append(float(total) / len(u))
+    return phi, psi, losses
+
+
+class DeMul(nn.Module):
+    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init="", phi=None, psi=None, gen=None):
+        super().__init__()
+        self.clip, self.n_ctx, self.classnames = clip, n_ctx, list(classnames)
+        # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator gen
+        ctx = (torch.randn(n_prompts, n_ctx, clip.ctx_dim, generator=gen) * 0.02).to(clip.device)
+        if ctx_init:
+            ctx[0] = common.words_to_embeddings(clip, ctx_init)  # --ctx-init WORDS: prompt 1 from words
+        self.ctx = nn.Parameter(ctx)
+        # reconstruction: raw weights a_ij, w_ij = |a_ij| / sum_j |a_ij|, uniform start (see prompt_weights)
+        self.raw_weights = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
+        self.phi, self.psi = phi, psi if psi is None else psi.requires_grad_(False)  # psi frozen in stage 2
+        self.prompts = common.ClassPrompts(clip, classnames, n_ctx)  # the training classes' prompt layout
+
+    def text_features(self, classnames, idx):
+        """t_ij for the prompts idx: (C, len(idx), D); one text-tower pass over all C x M' prompts."""
+        same = list(classnames) == self.classnames
+        P = self.prompts if same else common.ClassPrompts(self.clip, classnames, self.n_ctx)
+        x = torch.cat([P.embed(self.ctx[j]) for j in idx])
+        t = common.encode_text(self.clip, x, P.eot.repeat(len(idx)))
+        return t.view(len(idx), len(classnames), -1).transpose(0, 1)
+
+
+def prompt_weights(raw_weights, idx=None):
+    """w_ij = |a_ij| / sum_j |a_ij| over the prompts idx (all by default): sum_j w_ij = 1 (R4), scale-free."""
+    a = raw_weights.abs() if idx is None else raw_weights.abs()[:, idx]
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def class_weights(model, classnames):
+    """w_i of each class: learned for a training class, uniform for one never trained (reconstruction)."""
+    learned = dict(zip(model.classnames, prompt_weights(model.raw_weights.detach())))
+    uniform = torch.full((model.ctx.shape[0],), 1.0 / model.ctx.shape[0], device=model.ctx.device)
+    return torch.stack([learned.get(name, uniform) for name in classnames])
+
+
+def l1_penalty(raw_weights, form):  # reconstruction: mean over classes, as the CE's pull on each row scales with 1/C
+    """raw: ||a_i||_1 (L1 on the raw weights); ratio: ||a_i||_1 / ||a_i||_2 (1 when one prompt is left)."""
+    l1 = raw_weights.abs().sum(-1)
+    return (l1 if form == "raw" else l1 / raw_weights.norm(dim=-1).clamp_min(1e-12)).mean()
+
+
+def combined_logits(image_feats, text, w, scale, mode):
+    """text (C, M, D), w (C, M) -> class logits (B, C), in fp32 even under autocast (bf16 logits tie)."""
+    image_feats, text, w = image_feats.float(), text.float(), w.float()
+    if mode == "prob":  # Eq. (4): p(i|x) = sum_j w_ij p_j(i|x); reconstruction: CE renormalises over classes
+        C, M = text.shape[:2]
+        logp = common.cosine_logits(image_feats, text.flatten(0, 1), scale).view(-1, C, M).log_softmax(dim=1)
+        return torch.logsumexp(logp + w.clamp_min(1e-12).log(), dim=2)
+    mean = (w.unsqueeze(-1) * F.normalize(text, dim=-1)).sum(1)  # R4's reading of the code: t_i = sum_j w_ij t_ij
+    return common.cosine_logits(image_feats, mean, scale)
+
+
+def llm_terms(model, t, llm_targets):
+    """L_distill and L_cyc of unit-norm prompt features t (C, M', D) and LLM targets h(name_i) (C, D_llm)."""
+    mapped = model.phi(t)  # phi(t_ij) in the LLM space
+    distill = angular(mapped, llm_targets.unsqueeze(1).expand_as(mapped))  # reconstruction: 1 - cos
+    # reconstruction: Algorithm 1 line 7 (R1); psi frozen, sg(t): the cycle constrains phi, never the prompts
+    cyc = angular(model.psi(model.phi(t.detach())), t.detach())
+    return distill, cyc
+
+
+def demul_loss(model, feats, labels, llm_targets, idx, alpha, beta, lam, combine, l1):
+    """L = L_cls + alpha L_distill + beta L_cyc + lambda L1(a); returns (loss, terms)."""
+    t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
+    logits = combined_logits(feats, t, prompt_weights(model.raw_weights, idx), model.clip.logit_scale, combine)
+    distill, cyc = llm_terms(model, t, llm_targets)
+    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc,
+             "l1": l1_penalty(model.raw_weights, l1)}
+    return terms["cls"] + alpha * distill + beta * cyc + lam * terms["l1"], terms
+
+
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: h (the LLM embedder and its cache), D_name, stage 1's cache, the run, results
+# --------------------------------------------------------------------------------------------------
 class LLMEmbedder:
     """h(names) -> unit-norm LLM embeddings, cached on disk per model so a name is never embedded twice."""
 
@@ -155,40 +265,6 @@ class LLMEmbedder:
         return torch.tensor([d.embedding for d in sorted(resp.data, key=lambda d: d.index)])
 
 
-# ---------------------------------------------------------------- stage 1: phi and psi on D_name
-def mlp(d_in, hidden, d_out):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))  # reconstruction: 2 layers
-
-
-def angular(a, b):
-    """mean 1 - cos(a, b) over rows: the angular distance used by every DeMul term."""
-    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-
-
-def pretrain_loss(phi, psi, u, v):
-    """u = g(name), v = h(name), unit norm. reconstruction: both alignments + both cycles, all angular."""
-    pu, pv = phi(u), psi(v)
-    return angular(pu, v) + angular(pv, u) + angular(psi(pu), u) + angular(phi(pv), v)
-
-
-def pretrain_maps(u, v, hidden, epochs, lr, batch_size=256, seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        phi, psi = mlp(u.shape[1], hidden, v.shape[1]).to(u.device), mlp(v.shape[1], hidden, u.shape[1]).to(u.device)
-        opt = torch.optim.Adam([*phi.parameters(), *psi.parameters()], lr=lr)  # reconstruction: Adam
-        losses = []
-        for _ in range(epochs):
-            total = torch.zeros((), device=u.device)
-            for rows in torch.randperm(len(u)).to(u.device).split(batch_size):
-                loss = pretrain_loss(phi, psi, u[rows], v[rows])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(rows)
-            losses.append(float(total) / len(u))
-    return phi, psi, losses
-
-
 def name_set(args, classnames):
     """D_name: WordNet nouns or --names, subsampled with seed 0, always holding the dataset's class names;
     one spelling per prompt (data.prompt_key: CLIP's tokenizer lower-cases, so "Forest" = "forest")."""
@@ -223,83 +299,11 @@ def load_or_pretrain(clip, llm, names, args):
     return phi, psi, dict(info, reused=False)
 
 
-# ------------------------------------------------------------------ stage 2: the weighted prompts
-class DeMul(nn.Module):
-    def __init__(self, clip, classnames, n_prompts, n_ctx, ctx_init="", phi=None, psi=None, gen=None):
-        super().__init__()
-        self.clip, self.n_ctx, self.classnames = clip, n_ctx, list(classnames)
-        # reconstruction: every prompt from CoOp's random init, drawn on the CPU from the run's own generator gen
-        ctx = (torch.randn(n_prompts, n_ctx, clip.ctx_dim, generator=gen) * 0.02).to(clip.device)
-        if ctx_init:
-            ctx[0] = common.words_to_embeddings(clip, ctx_init)  # --ctx-init WORDS: prompt 1 from words
-        self.ctx = nn.Parameter(ctx)
-        # reconstruction: raw weights a_ij, w_ij = |a_ij| / sum_j |a_ij|, uniform start (see prompt_weights)
-        self.raw_weights = nn.Parameter(torch.full((len(classnames), n_prompts), 1.0 / n_prompts, device=clip.device))
-        self.phi, self.psi = phi, psi if psi is None else psi.requires_grad_(False)  # psi frozen in stage 2
-
-    def text_features(self, classnames, idx):
-        """t_ij for the prompts idx: (C, len(idx), D); one text-tower pass over all C x M' prompts."""
-        P = self.clip.prompts(classnames, self.n_ctx)
-        x = torch.cat([P.embed(self.ctx[j]) for j in idx])
-        t = common.encode_text(self.clip, x, P.eot.repeat(len(idx)))
-        return t.view(len(idx), len(classnames), -1).transpose(0, 1)
-
-
-def prompt_weights(raw_weights, idx=None):
-    """w_ij = |a_ij| / sum_j |a_ij| over the prompts idx (all by default): sum_j w_ij = 1 (R4), scale-free."""
-    a = raw_weights.abs() if idx is None else raw_weights.abs()[:, idx]
-    return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def class_weights(model, classnames):
-    """w_i of each class: learned for a training class, uniform for one never trained (reconstruction)."""
-    learned = dict(zip(model.classnames, prompt_weights(model.raw_weights.detach())))
-    uniform = torch.full((model.ctx.shape[0],), 1.0 / model.ctx.shape[0], device=model.ctx.device)
-    return torch.stack([learned.get(name, uniform) for name in classnames])
-
-
-def l1_penalty(raw_weights, form):  # reconstruction: mean over classes, as the CE's pull on each row scales with 1/C
-    """raw: ||a_i||_1 (L1 on the raw weights); ratio: ||a_i||_1 / ||a_i||_2 (1 when one prompt is left)."""
-    l1 = raw_weights.abs().sum(-1)
-    return (l1 if form == "raw" else l1 / raw_weights.norm(dim=-1).clamp_min(1e-12)).mean()
-
-
-def combined_logits(image_feats, text, w, scale, mode):
-    """text (C, M, D), w (C, M) -> class logits (B, C), in fp32 even under autocast (bf16 logits tie)."""
-    image_feats, text, w = image_feats.float(), text.float(), w.float()
-    if mode == "prob":  # Eq. (4): p(i|x) = sum_j w_ij p_j(i|x); reconstruction: CE renormalises over classes
-        with torch.autocast(image_feats.device.type, enabled=False):
-            logp = (scale * torch.einsum("bd,cmd->bcm", F.normalize(image_feats, dim=-1),
-                                         F.normalize(text, dim=-1))).log_softmax(dim=1)
-        return torch.logsumexp(logp + w.clamp_min(1e-12).log(), dim=2)
-    mean = (w.unsqueeze(-1) * F.normalize(text, dim=-1)).sum(1)  # R4's reading of the code: t_i = sum_j w_ij t_ij
-    return common.cosine_logits(image_feats, mean, scale)
-
-
-def llm_terms(model, t, llm_targets):
-    """L_distill and L_cyc of unit-norm prompt features t (C, M', D) and LLM targets h(name_i) (C, D_llm)."""
-    mapped = model.phi(t)  # phi(t_ij) in the LLM space
-    distill = angular(mapped, llm_targets.unsqueeze(1).expand_as(mapped))  # reconstruction: 1 - cos
-    # reconstruction: Algorithm 1 line 7 (R1); psi frozen, sg(t): the cycle constrains phi, never the prompts
-    cyc = angular(model.psi(model.phi(t.detach())), t.detach())
-    return distill, cyc
-
-
-def demul_loss(model, feats, labels, llm_targets, idx, alpha, beta, lam, combine, l1):
-    """L = L_cls + alpha L_distill + beta L_cyc + lambda L1(a); returns (loss, terms)."""
-    t = F.normalize(model.text_features(model.classnames, idx), dim=-1)  # unit norm, as in stage 1
-    logits = combined_logits(feats, t, prompt_weights(model.raw_weights, idx), model.clip.logit_scale, combine)
-    distill, cyc = llm_terms(model, t, llm_targets)
-    terms = {"cls": F.cross_entropy(logits, labels), "distill": distill, "cyc": cyc,
-             "l1": l1_penalty(model.raw_weights, l1)}
-    return terms["cls"] + alpha * distill + beta * cyc + lam * terms["l1"], terms
-
-
 def run(args, seed):
     out = common.claim_run_dir(args, "demul", seed)
-    task = common.prepare(args, seed)
-    clip, all_prompts = task.clip, list(range(args.n_prompts))
-    saved = task.load_prompt("demul")
+    exp = common.prepare(args, seed)
+    clip, all_prompts = exp.clip, list(range(args.n_prompts))
+    saved = exp.load_prompt("demul")
     combine = saved["combine"] if saved else args.combine  # a saved prompt is scored the way it was trained
     init_gen = common.generator(seed, "context init")
     if saved:  # evaluate the saved prompts and weights: no LLM, no stage 1
@@ -309,20 +313,20 @@ def run(args, seed):
         extra = {"loaded_from": args.load_prompt, "combine": combine}
     else:
         llm = LLMEmbedder(args.llm, args.cache_dir, args.llm_batch, clip.device)
-        phi, psi, pre = load_or_pretrain(clip, llm, name_set(args, task.dataset.classnames), args)
+        phi, psi, pre = load_or_pretrain(clip, llm, name_set(args, exp.dataset.classnames), args)
         print(f"stage 1: phi/psi {'reused from' if pre['reused'] else 'pre-trained, saved to'} {pre['cache']}")
-        targets = llm(task.classnames).to(clip.device)  # h(name_i)
-        model = DeMul(clip, task.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi, gen=init_gen)
+        targets = llm(exp.classnames).to(clip.device)  # h(name_i)
+        model = DeMul(clip, exp.classnames, args.n_prompts, args.n_ctx, args.ctx_init, phi, psi, gen=init_gen)
         m, gen = args.prompts_per_step or args.n_prompts, common.generator(seed, "prompt sampling")
 
         def sample():  # reconstruction: M' of the M prompts, uniformly without replacement (all when M' = M)
             return all_prompts if m == args.n_prompts else torch.randperm(args.n_prompts, generator=gen)[:m].tolist()
         hyper = dict(alpha=args.alpha, beta=args.beta, lam=args.lam, combine=args.combine, l1=args.l1)
-        stats = task.fit([model.ctx, model.raw_weights, *phi.parameters()],
-                         lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
-                         no_decay=[model.raw_weights], desc="DeMul")  # reconstruction: w ignores the scale of a
+        stats = exp.fit([model.ctx, model.raw_weights, *phi.parameters()],
+                        lambda x, y: demul_loss(model, x, y, targets, sample(), **hyper)[0],
+                        no_decay=[model.raw_weights], desc="DeMul")  # reconstruction: w ignores the scale of a
         with torch.no_grad():
-            _, terms = demul_loss(model, task.train_features(args.epochs - 1), task.labels, targets, all_prompts,
+            _, terms = demul_loss(model, exp.train_features(args.epochs - 1), exp.labels, targets, all_prompts,
                                   **hyper)
         extra = {"llm": {"spec": args.llm, "dim": int(targets.shape[1]), "embedded": llm.embedded}, "pretrain": pre,
                  "train": stats, "final_loss_terms": {k: float(v) for k, v in terms.items()}}
@@ -331,14 +335,14 @@ def run(args, seed):
         text, w = model.text_features(classnames, list(range(len(model.ctx)))), class_weights(model, classnames)
         return torch.cat([combined_logits(f, text, w, clip.logit_scale, combine) for f in feats.split(1000)])
 
-    metrics = task.evaluate(predict)
+    metrics = exp.evaluate(predict)
     w, threshold = prompt_weights(model.raw_weights.detach()), 0.1 / len(model.ctx)
     if not saved:
-        common.save_prompt(out, task, "demul", model.ctx, raw_weights=model.raw_weights, phi=model.phi.state_dict(),
+        common.save_prompt(out, exp, "demul", model.ctx, raw_weights=model.raw_weights, phi=model.phi.state_dict(),
                            combine=args.combine)
     extra.update({"prompt_weights": {c: [round(float(x), 5) for x in row] for c, row in zip(model.classnames, w)},
                   "weight_sparsity": {"below": threshold, "fraction": float((w < threshold).float().mean())}})
-    common.write_results(out, task, "demul", metrics, extra)
+    common.write_results(out, exp, "demul", metrics, extra)
     return metrics
 
 

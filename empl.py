@@ -99,14 +99,12 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Energy (Eq. 6-7, reconstructed R1) and SGLD (Eq. 9)
+# The method: energy (Eq. 6-7, reconstructed R1) and SGLD (Eq. 9)
 # --------------------------------------------------------------------------------------------------
 def logits(X, text_feats, logit_scale):
     """s*cos(f(x), g(H_c)) in fp32 for K chains: X (K, M, D) the images chain k serves, text_feats (K, C, D)
-    its class features -> (K, M, C). Outside autocast: bf16 logits at scale 100 tie."""
-    with torch.autocast(X.device.type, enabled=False):
-        x, t = F.normalize(X.float(), dim=-1), F.normalize(text_feats.float(), dim=-1)
-        return logit_scale * x @ t.transpose(1, 2)
+    its class features -> (K, M, C): CLIP's classifier, one per chain."""
+    return common.cosine_logits(X, text_feats, logit_scale)
 
 
 def energy(X, text_feats, logit_scale):
@@ -131,6 +129,23 @@ def sgld(H0, energy_fn, steps, alpha, mask, gen, noise_scale=1.0):
 # --------------------------------------------------------------------------------------------------
 # The prompt module: CoOp's context, entering the text tower's top blocks
 # --------------------------------------------------------------------------------------------------
+def context_mask(prompts, rows=None):
+    """(R, L, 1): 1 at the positions prompts.embed() fills with context, 0 at SOS, class, "." and EOT."""
+    emb, _ = prompts.token_embeddings(rows)
+    mask = torch.zeros(emb.shape[0], emb.shape[1], 1, device=emb.device)
+    if prompts.position == "end":
+        mask[:, 1:1 + prompts.n_ctx] = 1
+        return mask
+    lens = prompts.name_lens if rows is None else [prompts.name_lens[int(r)] for r in rows]
+    half = prompts.n_ctx // 2
+    for i, n in enumerate(lens):
+        if prompts.position == "middle":
+            mask[i, 1:1 + half] = mask[i, 1 + half + n:1 + prompts.n_ctx + n] = 1
+        else:
+            mask[i, 1 + n:1 + n + prompts.n_ctx] = 1
+    return mask
+
+
 class EMPL(nn.Module):
     def __init__(self, clip, ctx, position="end", sgld_layers=2, steps=5, step_size=1e-3, chain="task"):
         super().__init__()
@@ -142,7 +157,8 @@ class EMPL(nn.Module):
         self.ctx = nn.Parameter(ctx.to(clip.device).float().clone())
 
     def prompts(self, classnames):
-        return self.clip.prompts(classnames, len(self.ctx), self.position)
+        """The prompt layout of a class list (built by the caller once per list: training, each test set)."""
+        return common.ClassPrompts(self.clip, classnames, len(self.ctx), self.position)
 
     def start(self, *blocks):
         """H0 (C, L, d): hidden states entering the top blocks for the learned context; the mask (C, L, 1) of
@@ -151,7 +167,7 @@ class EMPL(nn.Module):
         states = []
         for prompts, rows in blocks:
             H = common.hidden_states(self.clip, prompts.embed(self.ctx, rows), self.layer)
-            mask = prompts.context_mask(rows)  # reconstruction: SGLD moves the context positions only (R3)
+            mask = context_mask(prompts, rows)  # reconstruction: SGLD moves the context positions only (R3)
             states.append((H.float(), mask, prompts.eot if rows is None else prompts.eot[rows]))
         L = max(H.shape[1] for H, _, _ in states)
         pad = lambda t: F.pad(t, (0, 0, 0, L - t.shape[1]))
@@ -247,7 +263,7 @@ def spread(model, classnames, image_feats, chains, gen):
 
 
 # --------------------------------------------------------------------------------------------------
-# Vocabulary, initialisation, run
+# Run plumbing: the open vocabulary, the starting context, the run, results
 # --------------------------------------------------------------------------------------------------
 def open_vocabulary(spec, dataset_names, pool, seed):
     """Unseen words: the vocabulary minus every class name of the dataset (a seeded subset if pool > 0).
@@ -275,60 +291,49 @@ def initial_context(args, clip):
         return common.words_to_embeddings(clip, args.ctx_init), "end"
     if not os.path.isfile(args.init_from):
         raise common.UserError(f"--init-from {args.init_from} does not exist (give the prompt.pt that coop.py wrote)")
-    try:
-        saved = torch.load(args.init_from, map_location="cpu")
-        ctx = saved["ctx"]
-    except (OSError, RuntimeError, KeyError, TypeError) as err:
-        raise common.UserError(f"--init-from {args.init_from}: not a coop.py prompt.pt ({err})") from None
-    if saved.get("method", "coop") not in ("coop", "empl"):  # a shared context like CoOp's: either one
-        raise common.UserError(f"--init-from {args.init_from} was written by {saved['method']}; give a coop.py "
-                               f"prompt.pt (the paper starts EMPL from a trained CoOp) or an empl.py one")
-    if saved.get("csc") or ctx.dim() != 2:
+    # a shared context like CoOp's: a coop.py or an empl.py prompt, for this CLIP
+    saved = common.read_prompt(args.init_from, "--init-from", clip, ["coop", "empl"],
+                               "give a coop.py prompt.pt (the paper starts EMPL from a trained CoOp) or an empl.py one")
+    if saved["csc"]:
         raise common.UserError(f"--init-from {args.init_from} holds a class-specific context; EMPL needs a shared "
                                f"one (train coop.py without --csc)")
-    trained_with = (saved.get("backbone"), saved.get("weights"), saved.get("activation", clip.activation))
-    if ctx.shape[1] != clip.ctx_dim or trained_with != (clip.backbone, clip.weights, clip.activation):
-        raise common.UserError(f"--init-from {args.init_from} was trained with {saved.get('backbone')} "
-                               f"({saved.get('weights')}, {trained_with[2]}, width {ctx.shape[1]}); this run uses "
-                               f"{clip.backbone} ({clip.weights}, {clip.activation}, width {clip.ctx_dim}): train "
-                               f"coop.py with the same backbone, weights and activation")
-    return ctx, saved.get("position", "end")
+    return saved["ctx"], saved["position"]
 
 
 def run(args, seed):
     out = common.claim_run_dir(args, "empl", seed)
-    task = common.prepare(args, seed)
-    clip = task.clip
-    saved = task.load_prompt("empl")
+    exp = common.prepare(args, seed)
+    clip = exp.clip
+    saved = exp.load_prompt("empl")
     ctx, position = (saved["ctx"], saved["position"]) if saved else initial_context(args, clip)
     model = EMPL(clip, ctx, position, args.sgld_layers, args.sgld_steps, args.sgld_step_size, args.chain)
     if saved:
         extra = {"loaded_from": args.load_prompt}
     else:
-        observed = model.prompts(task.classnames)
-        words = open_vocabulary(args.vocab, task.dataset.classnames, args.vocab_pool, seed)
+        observed = model.prompts(exp.classnames)
+        words = open_vocabulary(args.vocab, exp.dataset.classnames, args.vocab_pool, seed)
         vocab = common.ClassPrompts(clip, words, len(model.ctx), position)
         k = min(args.unseen_per_batch, len(vocab.eot))
         word_gen, noise_gen = common.generator(seed, "unseen words"), common.generator(seed, "SGLD noise")
-        stats = task.fit([model.ctx], lambda feats, labels: empl_loss(
+        stats = exp.fit([model.ctx], lambda feats, labels: empl_loss(
             model, observed, vocab, feats, labels, k, args.lam, word_gen, noise_gen, args.unseen_term), desc="EMPL")
         extra = {"train": stats, "unseen_words": {"vocab": args.vocab, "words": len(vocab.eot), "per_batch": k,
                                                   "term": args.unseen_term, "lam": args.lam}}
 
-    without = task.evaluate(lambda names, feats: model.mean_logits(feats, names))  # the learned context, no SGLD
-    task.times["evaluation_without_sampling_s"] = task.times["evaluation_s"]  # the next evaluate() sets its own
-    condition = task.train_features(0) if args.test_condition == "train" else None
+    without = exp.evaluate(lambda names, feats: model.mean_logits(feats, names),  # the learned context, no SGLD
+                           time_as="evaluation_without_sampling_s")
+    condition = exp.train_features(0) if args.test_condition == "train" else None
     eval_gen, sampled = common.generator(seed, "test chains"), []
 
     def predict_fn(names, feats):
         sampled.append({"classes": len(names), "test_images": len(feats)})
         return predict(model, names, feats, args.test_chains, eval_gen, args.test_batch_size, condition, sampled[-1])
-    metrics = task.evaluate(predict_fn)
-    first = next(iter(task.evals.values()))
-    diversity = spread(model, first.classnames, task.eval_features(first), max(2, args.test_chains),
+    metrics = exp.evaluate(predict_fn)
+    first = next(iter(exp.evals.values()))
+    diversity = spread(model, first.classnames, exp.eval_features(first), max(2, args.test_chains),
                        common.generator(seed, "spread"))
     if not saved:
-        common.save_prompt(out, task, "empl", model.ctx, position)
+        common.save_prompt(out, exp, "empl", model.ctx, position)
     extra.update({
         "metrics_without_sampling": without, "prompt_spread": diversity,
         "sgld": {"steps": args.sgld_steps, "step_size": args.sgld_step_size, "layers": args.sgld_layers,
@@ -336,9 +341,9 @@ def run(args, seed):
         "chains": {"mode": args.chain, "train": "one per batch" if args.chain == "task" else "one per image",
                    "observed_classes": "classes of the batch", "test_chains": args.test_chains,
                    "test_batch_size": args.test_batch_size, "test_condition": args.test_condition,
-                   "test_prompts": dict(zip(task.evals, sampled))},
+                   "test_prompts": dict(zip(exp.evals, sampled))},
         "nearest_words": common.nearest_words(clip, model.ctx.detach())})
-    common.write_results(out, task, "empl", metrics, extra)
+    common.write_results(out, exp, "empl", metrics, extra)
     return metrics
 
 

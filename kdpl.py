@@ -1,23 +1,36 @@
 """KDPL -- Improving Zero-shot Generalization of Learned Prompts via Unsupervised Knowledge Distillation.
 Mistretta, Baldrati, Bertini, Bagdanov. ECCV 2024, arXiv 2407.03056. Official code: github.com/miccunifi/KDPL.
 
-CoOp's prompt learner on a small CLIP (the student) is trained WITHOUT LABELS: a larger frozen CLIP
-(the teacher) classifies each training image zero-shot, and the student matches its distribution.
+Any prompt learner on a small CLIP (the student) is trained WITHOUT LABELS: a larger frozen CLIP (the teacher)
+classifies each training image zero-shot, and the student matches its distribution. KDPL replaces the
+student's cross-entropy by this distillation and keeps everything else of the student (prompts, recipe).
     l_T = s * cos(f_T(x), g_T("template(class)"))      teacher logits, with the STUDENT's logit scale s
-    l_S = s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .))  student logits (only V trains)
+    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe: theirs)
     K   = top-K classes of mean_b softmax(l_T)            per batch
     L   = 1/2 KL(p_T || p_S) + 1/2 KL(p_S || p_T)        p = softmax over the K selected classes
 The paper's equations were not readable to us: the loss and the selection follow the official code, pinned:
 https://github.com/miccunifi/KDPL/blob/76da8da2bad8a5c0842dfc25f901f1d69ad2aabd/src/trainers/coop_kdpl.py#L107-L125
     forward_backward: teacher logits, selection, L_F = KL(p_T || p_S), L_R = KL(p_S || p_T), 0.5 / 0.5
+https://github.com/miccunifi/KDPL/blob/76da8da2bad8a5c0842dfc25f901f1d69ad2aabd/src/trainers/cocoop_kdpl.py#L130-L159
+    the same loss on CoCoOp's conditional prompts (each student's *_kdpl.py swaps the cross-entropy for it)
 https://github.com/miccunifi/KDPL/blob/76da8da2bad8a5c0842dfc25f901f1d69ad2aabd/src/trainers/kdpl_utils.py#L93-L164
     teacher with the student's logit scale (L104), top-K of the batch-mean softmax (L148-L155), K (L158-L164)
-Faithful: student = CoOp with 4 context tokens from "a photo of a", class token at the end, shared context;
-teacher = open_clip ViT-H-14-quickgelu / dfn5b, zero-shot with CoOp's dataset template (or "a photo of a {}."
-in class-agnostic mode), text features computed once; K = number of classes, or K_max = 1000 names of a
-dictionary (KDPL-CA, the paper's §3.3); SGD 0.002, warm-up + cosine, 50 epochs, batch 32, 16 shots, seeds 1-3
-(src/configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml and the scripts below).
-Protocols, as the official scripts run them (same commit, src/scripts/coop_kdpl/):
+Students (--student, each a method file of its own that this file imports):
+  * coop (default): 4 context tokens from "a photo of a", class token at the end, shared context; ViT-B/32,
+    50 epochs, batch 32 (src/configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml);
+  * cocoop: CoOp's context + the Meta-Net; ViT-B/32, 10 epochs, batch 1 (CoCoOp_KDPL/vit_b32_c4_ep10_batch1_ctxv1.yaml);
+  * vpt: deep visual prompts, 8 tokens in 12 layers; ViT-B/32, 5 epochs, batch 4, lr 0.0025 (VPT_KDPL/...);
+  * maple: coupled prompts, 2 tokens, depth 9; ViT-B/32, 5 epochs, batch 4, lr 0.0035 (MaPLe_KDPL/...).
+What a student file offers, and all KDPL uses of it: KDPL_CONFIG (its official KDPL settings), add_student_flags(p)
+(its own hyper-parameters), IMAGE_INPUT ("features": cached image features; "images": a prompted image tower,
+which sees the same crop as the teacher), kdpl_student(clip, names, args, seed) -> its prompt module, whose
+logits(input, classnames=None, rows=None) are the student's logits (rows: the K selected training names), whose
+trainable() lists what trains and, for "images", whose classifier(classnames) evaluates; the module's state_dict
+is what prompt.pt keeps.
+Faithful: teacher = open_clip ViT-H-14-quickgelu / dfn5b, zero-shot with CoOp's dataset template (or "a photo
+of a {}." in class-agnostic mode), text features computed once; K = number of classes, or K_max = 1000 names of
+a dictionary (KDPL-CA, the paper's §3.3); SGD, warm-up + cosine, 16 shots, seeds 1-3 (scripts below).
+Protocols, as the official scripts run them (same commit, src/scripts/<student>_kdpl/):
   * base-to-new, the DEFAULT here: reproduce_base2new_train.sh trains on the base classes, the paper reports
     the new-class accuracy ("base-to-unseen", results.json's base_to_unseen);
   * cross-dataset / domain generalisation: reproduce_cross_d_train.sh trains on all ImageNet classes, 16 shots,
@@ -28,10 +41,12 @@ student in fp16 (COOP.PREC) and the teacher in fp32 end to end; here the student
 fp32 weights (--precision: bf16 on CUDA) and the teacher encodes images and texts in fp32 (--teacher-precision
 fp32, its features cached under their own key), so its soft targets are the official ones; the teacher logits,
 selection and KL run in fp32. Added: the teacher's own zero-shot accuracy on the evaluation sets, when they
-are small (--teacher-eval). KDPL-CA's dictionary is the official ~20k-name CSV when passed with --dictionary;
-the offline default is WordNet's ~118k nouns, which differs from the paper's (reconstructed choice).
+are small (--teacher-eval); --kl forward|reverse, the paper's ablation of the divergence. KDPL-CA's dictionary
+is the official ~20k-name CSV when passed with --dictionary; the offline default is WordNet's ~118k nouns,
+which differs from the paper's (reconstructed choice).
 
-    python kdpl.py --dataset eurosat                      # base-to-new, ViT-B/32 student, ViT-H/14 DFN5B teacher
+    python kdpl.py --dataset eurosat                      # base-to-new, CoOp student (ViT-B/32), ViT-H/14 teacher
+    python kdpl.py --dataset eurosat --student cocoop     # CoCoOp + KDPL
     python kdpl.py --dataset imagenet --eval-on imagenetv2 imagenet_sketch imagenet_a imagenet_r   # DG, 16 shots
     python kdpl.py --dataset eurosat --class-agnostic [--dictionary classnames_dictionay.csv]
     python kdpl.py --dataset eurosat --protocol fewshot   # all classes: a protocol the paper does not report
@@ -39,11 +54,19 @@ the offline default is WordNet's ~118k nouns, which differs from the paper's (re
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+import cocoop
 import common
+import coop
 import data
+import maple
+import vpt
+
+STUDENTS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple}  # --student: the method file of each (its interface: docstring)
+# --kl: weights (alpha, beta) of L_F = KL(p_T || p_S) and L_R = KL(p_S || p_T); symmetric is KDPL's (0.5 / 0.5
+# hard-coded officially), forward and reverse are the divergences the paper's ablation compares it with
+KL_WEIGHTS = {"symmetric": (0.5, 0.5), "forward": (1.0, 0.0), "reverse": (0.0, 1.0)}
 
 CA_TEMPLATE = "a photo of a {}."  # kdpl_utils.py#L68-L69: class-agnostic teacher template
 # --teacher-eval auto: the teacher's zero-shot pass runs when the evaluation sets hold at most this many images.
@@ -59,16 +82,18 @@ def parse_args(argv=None):
         "reports the new-class accuracy (scripts/coop_kdpl/reproduce_base2new_*.sh). fewshot: all classes, the "
         "default when --eval-on is given (cross-dataset / domain generalisation train on all ImageNet classes, "
         "reproduce_cross_d_train.sh); on its own a protocol the paper does not report")
-    p.set_defaults(backbone="ViT-B-32",  # configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml (also rn50_ctxv1)
-                   epochs=50)            # OPTIM.MAX_EPOCH 50 in every CoOp+KDPL config
+    p.add_argument("--student", default="coop", choices=list(STUDENTS),
+                   help="the prompt learner KDPL trains; its official KDPL config sets the defaults of --backbone, "
+                        "--epochs, --batch-size, --lr and --ctx-init (see each file's KDPL_CONFIG)")
+    p.add_argument("--kl", default="symmetric", choices=list(KL_WEIGHTS),
+                   help="the divergence: symmetric = 1/2 KL(p_T||p_S) + 1/2 KL(p_S||p_T) (KDPL's); forward = "
+                        "KL(p_T||p_S); reverse = KL(p_S||p_T) (the paper's ablation)")
     p.add_argument("--teacher", default="ViT-H-14-quickgelu",  # cfg.TRAINER.KDPL.TEACHER default
                    help="open_clip architecture of the frozen teacher (tiny-wide for smoke runs)")
     p.add_argument("--teacher-pretrained", default="dfn5b",  # kdpl_utils.load_teacher_to_cpu
                    help="teacher weights: open_clip tag, checkpoint file, or none")
     p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"],  # as the official teacher
                    help="autocast of the teacher's image and text encoding (the official teacher runs in fp32)")
-    p.add_argument("--ctx-init", default="a photo of a",  # CTX_INIT in *_ctxv1.yaml (N_CTX 4)
-                   help="words initialising the student's shared context (M = their token count)")
     p.add_argument("--class-agnostic", action="store_true",
                    help="KDPL-CA: use no training class names; the teacher picks names from --dictionary")
     p.add_argument("--dictionary", help="names for --class-agnostic: KDPL's CSV (ClassName column) or one name "
@@ -80,10 +105,13 @@ def parse_args(argv=None):
                         f"code; costs one teacher pass over them): auto = only when they hold at most "
                         f"{TEACHER_EVAL_MAX_IMAGES:,} images (not for domain generalisation); results.json records "
                         f"whether it ran and why not")
+    student = STUDENTS[p.parse_known_args(argv)[0].student]
+    student.add_student_flags(p)           # the student's own hyper-parameters (--ctx-init, --n-ctx, --depth ...)
+    p.set_defaults(**student.KDPL_CONFIG)  # its official KDPL config; flags given override it
     args = p.parse_args(argv)
     if args.protocol is None:  # the official scripts: base-to-new, or all ImageNet classes for --eval-on
         args.protocol = "fewshot" if args.eval_on else "base2new"
-    if not args.ctx_init.strip():
+    if not getattr(args, "ctx_init", "-").strip():
         p.error("--ctx-init must hold at least one word (KDPL initialises the context from words)")
     if args.epochs < 1 or args.k_max < 1:
         p.error("--epochs and --k-max must be at least 1")
@@ -92,24 +120,10 @@ def parse_args(argv=None):
     return args
 
 
-class Student(nn.Module):
-    """CoOp's learnable shared context V over the training names (class names, or the KDPL-CA dictionary)."""
-
-    def __init__(self, clip, train_names, ctx_init):
-        super().__init__()
-        self.clip = clip
-        self.ctx = nn.Parameter(common.words_to_embeddings(clip, ctx_init))  # CoOp ctx_init
-        self.train_prompts = clip.prompts(train_names, self.ctx.shape[0])  # token ids only: 100k names fit
-
-    def text_features(self, rows=None):
-        return self.train_prompts.features(self.ctx, rows)
-
-    def logits(self, image_feats, classnames):
-        """Inference: the student alone, over all test classes (CoOp_KDPL.model_inference)."""
-        text = self.clip.prompts(classnames, self.ctx.shape[0]).features(self.ctx)
-        return common.cosine_logits(image_feats, text, self.clip.logit_scale)
-
-
+# --------------------------------------------------------------------------------------------------
+# The method: the student, the teacher's targets, the loss (official: coop_kdpl.py CoOp_KDPL.forward_backward,
+# kdpl_utils.sampling)
+# --------------------------------------------------------------------------------------------------
 def teacher_text_features(teacher, names, template):
     """Frozen teacher text features of hand-crafted prompts, computed once (init_teacher_text_features),
     in the teacher's own precision."""
@@ -117,9 +131,6 @@ def teacher_text_features(teacher, names, template):
         return common.encode_texts(teacher, [template.format(n.replace("_", " ")) for n in names])
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss (official: coop_kdpl.py CoOp_KDPL.forward_backward, kdpl_utils.sampling)
-# --------------------------------------------------------------------------------------------------
 def select_classes(teacher_logits, k):
     """The K classes with the largest batch-mean teacher probability: p_bar = 1/B sum_b softmax(l_T)_b."""
     p_bar = teacher_logits.float().softmax(dim=-1).mean(dim=0)
@@ -127,7 +138,8 @@ def select_classes(teacher_logits, k):
 
 
 def symmetric_kl(student_logits, teacher_logits, alpha=0.5, beta=0.5):
-    """L = alpha KL(p_T || p_S) + beta KL(p_S || p_T), batch mean; alpha = beta = 0.5 hard-coded officially."""
+    """L = alpha KL(p_T || p_S) + beta KL(p_S || p_T), batch mean; alpha = beta = 0.5 hard-coded officially
+    (KL_WEIGHTS: the paper's ablation trains with one direction alone)."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     forward = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")  # L_F = KL(p_T || p_S)
@@ -135,28 +147,35 @@ def symmetric_kl(student_logits, teacher_logits, alpha=0.5, beta=0.5):
     return alpha * forward + beta * reverse
 
 
-def kdpl_loss(student, teacher_text, student_feats, teacher_feats, k):
+def kdpl_loss(student, teacher_text, student_input, teacher_feats, k, kl="symmetric"):
     """One batch, no labels: teacher logits with the STUDENT's logit scale (kdpl_utils.py#L104, #L124), the
-    K classes they select, the student's logits over those K prompts only, and the symmetric KL."""
+    K classes they select, the student's logits over those K prompts only, and the symmetric KL. student_input:
+    what the student's logits take (cached image features, or the images of a prompted image tower)."""
     scale = student.clip.logit_scale
     with torch.no_grad(), torch.autocast(teacher_feats.device.type, enabled=False):
         teacher_logits = common.cosine_logits(teacher_feats.float(), teacher_text.float(), scale)
         rows = select_classes(teacher_logits, k)  # coop_kdpl.py#L111
-    student_logits = common.cosine_logits(student_feats, student.text_features(rows), scale)  # #L113
-    return symmetric_kl(student_logits, teacher_logits[:, rows])  # #L114-L123
+    student_logits = student.logits(student_input, rows=rows)  # #L113: the K selected prompts only
+    return symmetric_kl(student_logits, teacher_logits[:, rows], *KL_WEIGHTS[kl])  # #L114-L123
 
 
-def train(task, student, teacher, teacher_text, k):
-    """CoOp's loop over the training set; each row is (student view feature, teacher feature of the SAME view).
-    Labels never enter: task.labels is not read anywhere in training."""
-    def epoch_data(epoch):  # the same cached crops, encoded once per tower
-        return task.train_features(epoch), task.train_features(epoch, clip=teacher)
-    return task.fit([student.ctx], lambda s, t: kdpl_loss(student, teacher_text, s, t, k), epoch_data, desc="KDPL")
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: the training loop's data, the teacher's own accuracy, the run, results
+# --------------------------------------------------------------------------------------------------
+def train(exp, student, teacher, teacher_text, k, kl, images=False):
+    """CoOp's loop over the training set; each row is (the student's input, teacher feature of the SAME view):
+    the student's cached feature, or, for a prompted image tower (images=True), the image itself in that view,
+    the very crop the teacher's feature was computed from. Labels never enter: exp.labels is not read here."""
+    def epoch_data(epoch):  # the same crops; a frozen tower encodes each once, into the cache
+        student_input = exp.train_images(epoch) if images else exp.train_features(epoch)
+        return student_input, exp.train_features(epoch, clip=teacher)
+    return exp.fit(student.trainable(), lambda s, t: kdpl_loss(student, teacher_text, s, t, k, kl), epoch_data,
+                   desc="KDPL")
 
 
-def teacher_eval_decision(task, mode):
+def teacher_eval_decision(exp, mode):
     """(run, note) for --teacher-eval: the teacher's zero-shot pass over the evaluation sets, or why not."""
-    images = sum(len(ev.items) for ev in task.evals.values())
+    images = sum(len(ev.items) for ev in exp.evals.values())
     if mode == "off":
         return False, f"skipped: --teacher-eval off ({images} evaluation images)"
     if mode == "auto" and images > TEACHER_EVAL_MAX_IMAGES:
@@ -165,21 +184,24 @@ def teacher_eval_decision(task, mode):
     return True, f"ran on {images} evaluation images (--teacher-eval {mode})"
 
 
-def teacher_zero_shot(task, teacher):
-    """The teacher's zero-shot accuracy with the dataset template, on the student's evaluation sets."""
-    metrics = {}
-    for which, ev in task.evals.items():
-        feats = task.eval_features(ev, clip=teacher)
-        text = teacher_text_features(teacher, ev.classnames, data.TEMPLATES[ev.dataset])
-        logits = common.cosine_logits(feats, text, task.clip.logit_scale)
-        metrics["accuracy" if which == "all" else which] = common.accuracy(logits, ev.labels)
-    if "base" in metrics:
-        metrics["H"] = common.harmonic_mean(metrics["base"], metrics["new"])
-    return metrics
+def teacher_zero_shot(exp, teacher):
+    """The teacher's zero-shot accuracy with each evaluation set's dataset template, on the student's sets."""
+    templates = {tuple(ev.classnames): data.TEMPLATES[ev.dataset] for ev in exp.evals.values()}
+
+    def predict(classnames, feats):
+        text = teacher_text_features(teacher, classnames, templates[tuple(classnames)])
+        return common.cosine_logits(feats, text, exp.clip.logit_scale)
+    return exp.evaluate(predict, clip=teacher, time_as="teacher_evaluation_s")
+
+
+def prompt_name(args):
+    """The method a prompt.pt names: kdpl (the CoOp student), kdpl_<student> for the others."""
+    return "kdpl" if args.student == "coop" else f"kdpl_{args.student}"
 
 
 def method_name(args):
-    return "kdpl_ca" if args.class_agnostic else "kdpl"  # results in runs/kdpl/... or runs/kdpl_ca/...
+    """Where results go: runs/kdpl[_ca]/... for the CoOp student, runs/kdpl[_ca]_<student>/... for the others."""
+    return "kdpl" + ("_ca" if args.class_agnostic else "") + ("" if args.student == "coop" else f"_{args.student}")
 
 
 def run(args, seed):
@@ -191,42 +213,54 @@ def run(args, seed):
         if k > len(names):
             raise common.UserError(f"--k-max {k} exceeds the {len(names)} names of the dictionary; pass "
                                    f"--k-max {len(names)} or a larger --dictionary")
-    task = common.prepare(args, seed)
-    saved = task.load_prompt("kdpl")
+    exp = common.prepare(args, seed)
+    module = STUDENTS[args.student]
+    images = module.IMAGE_INPUT == "images"  # the student's logits take images (a prompted image tower)
+    if images:
+        common.require_prompted_vit(exp.clip, args.student)
+    saved = exp.load_prompt(prompt_name(args))
     if saved:  # evaluate the saved student: no teacher needed
-        student, teacher = Student(task.clip, task.classnames, args.ctx_init), None
-        student.ctx = nn.Parameter(saved["ctx"])
+        student, teacher = module.kdpl_student(exp.clip, exp.classnames, args, seed), None
+        student.load_state_dict({key: saved[key] for key in student.state_dict()})
         extra = {"loaded_from": args.load_prompt}
     else:
-        teacher = common.load_clip(args.teacher, args.teacher_pretrained, task.clip.device, args.teacher_precision)
+        teacher = common.load_clip(args.teacher, args.teacher_pretrained, exp.clip.device, args.teacher_precision)
         if not args.class_agnostic:
-            names, template, k = task.classnames, task.dataset.template, len(task.classnames)  # K = all classes
+            names, template, k = exp.classnames, exp.dataset.template, len(exp.classnames)  # K = all classes
         start = time.perf_counter()
         teacher_text = teacher_text_features(teacher, names, template)
-        student = Student(task.clip, names, args.ctx_init)
-        task.times["text_setup_s"] = time.perf_counter() - start
-        extra = {"train": train(task, student, teacher, teacher_text, k), "k": k}
-    metrics = task.evaluate(lambda classnames, feats: student.logits(feats, classnames))
+        student = module.kdpl_student(exp.clip, names, args, seed)
+        exp.times["text_setup_s"] = time.perf_counter() - start
+        extra = {"train": train(exp, student, teacher, teacher_text, k, args.kl, images), "k": k}
+    if images:  # a prompted image tower classifies test images, one class list's text side at a time
+        metrics = exp.evaluate(student.classifier, images=True)
+    else:
+        metrics = exp.evaluate(lambda classnames, feats: student.logits(feats, classnames))
     if "new" in metrics:
         metrics["base_to_unseen"] = metrics["new"]  # the paper's name for new-class accuracy
     if teacher is not None:
-        ran, note = teacher_eval_decision(task, args.teacher_eval)
-        teacher_metrics = teacher_zero_shot(task, teacher) if ran else None
+        ran, note = teacher_eval_decision(exp, args.teacher_eval)
+        teacher_metrics = teacher_zero_shot(exp, teacher) if ran else None
         print(f"teacher {teacher.backbone} ({teacher.weights}) zero-shot: " + (", ".join(
             f"{key} {v:.2f}" for key, v in teacher_metrics.items()) if ran else note))
         extra["teacher"] = {"backbone": teacher.backbone, "weights": teacher.weights, "precision": teacher.precision,
                             "activation": {"name": teacher.activation, "chosen_by": teacher.activation_source},
-                            "train_template": template, "eval_template": task.dataset.template,
+                            "train_template": template, "eval_template": exp.dataset.template,
                             "zero_shot": teacher_metrics,
                             "zero_shot_eval": {"ran": ran, "mode": args.teacher_eval, "note": note}}
-    words = common.nearest_words(task.clip, student.ctx.detach())
-    print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
+    words = common.nearest_words(exp.clip, student.ctx.detach()) if hasattr(student, "ctx") else None
+    if words:  # a text context (VPT has none)
+        print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
+    config = {key: getattr(args, key) for key in module.KDPL_CONFIG}
     if not saved:
-        common.save_prompt(out, task, "kdpl", student.ctx, ctx_init=args.ctx_init)
-    extra.update({"nearest_words": words, "class_agnostic": args.class_agnostic,
+        learned = student.state_dict()  # what trains: the context, CoCoOp's Meta-Net, VPT's prompts ...
+        common.save_prompt(out, exp, prompt_name(args), learned.pop("ctx", None), **learned, student=args.student,
+                           student_kdpl_config=config)
+    extra.update({"student": args.student, "kl": args.kl, "student_kdpl_config": config,
+                  "nearest_words": words, "class_agnostic": args.class_agnostic,
                   "dictionary": {"source": args.dictionary or "wordnet", "size": len(names)} if args.class_agnostic
                   else None})
-    common.write_results(out, task, method, metrics, extra)
+    common.write_results(out, exp, method, metrics, extra)
     return metrics
 
 

@@ -162,12 +162,15 @@ def parse_args(argv=None):
     return args
 
 
+# --------------------------------------------------------------------------------------------------
+# The method: the teachers, the student, the gate, the losses
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def pool_features(clip, templates, classnames):
-    """Teacher text features t_h (H, C, D), normalised, from the frozen CLIP (computed once)."""
+    """Teacher text features t_h (H, C, D) from the frozen CLIP, computed once (normalised in the classifier)."""
     names = [c.replace("_", " ") for c in classnames]
     feats = common.encode_texts(clip, [t.format(c) for t in templates for c in names])
-    return F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
+    return feats.view(len(templates), len(names), -1)
 
 
 class MoPD(nn.Module):
@@ -178,20 +181,21 @@ class MoPD(nn.Module):
         self.clip, self.classnames, self.top_t = clip, list(classnames), top_t
         self.ctx = nn.Parameter(common.words_to_embeddings(clip, ctx_init))  # PromptLearner: "a photo of a"
         self.n_ctx = self.ctx.shape[0]
+        self.prompts = common.ClassPrompts(clip, classnames, self.n_ctx)  # the student's training prompts
         self.register_buffer("teacher", teacher)  # (H, C, D)
         # W_g: bias-free, zero init (MoPD.py l.130); D = CLIP's embedding width, not a hard-coded 512
         self.gate = nn.Parameter(torch.zeros(clip.embed_dim, teacher.shape[0], device=clip.device))
 
     def logits(self, image_feats, classnames=None):
-        """Student logits l^S (inference uses these only)."""
-        text = self.clip.prompts(classnames or self.classnames, self.n_ctx).features(self.ctx)
-        return common.cosine_logits(image_feats, text, self.clip.logit_scale)
+        """Student logits l^S (inference uses these only), over the training classes or `classnames`."""
+        same = classnames is None or list(classnames) == self.classnames
+        prompts = self.prompts if same else common.ClassPrompts(self.clip, classnames, self.n_ctx)
+        return common.cosine_logits(image_feats, prompts.features(self.ctx), self.clip.logit_scale)
 
     def teacher_logits(self, image_feats):
-        """l^h = s * z . t_h^T for every hard prompt h: (B, H, C), in fp32 (bf16 would tie, as in cosine_logits)."""
-        z = F.normalize(image_feats.float(), dim=-1)
-        with torch.autocast(z.device.type, enabled=False):
-            return self.clip.logit_scale * torch.einsum("bd,hcd->bhc", z, self.teacher.float())
+        """l^h = s * z . t_h^T for every hard prompt h: (B, H, C), in fp32 (CLIP's classifier on the H x C texts)."""
+        H, C = self.teacher.shape[:2]
+        return common.cosine_logits(image_feats, self.teacher.flatten(0, 1), self.clip.logit_scale).view(-1, H, C)
 
     def gate_logits(self, image_feats):
         """g(x) = z W_g on the normalised image feature (MoPD.py l.200): (B, H), in fp32."""
@@ -229,13 +233,16 @@ def model_loss(model, image_feats, labels, w, w2, tau):
                      labels, model.top_t, w, w2, tau)
 
 
-def saved_model(task, saved):
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: a saved prompt, the gate's report, the run, results
+# --------------------------------------------------------------------------------------------------
+def saved_model(exp, saved):
     """The MoPD of a --load-prompt file: its student context. Inference uses the student only, so the
     teachers are not encoded (zeros of their shape hold their place)."""
-    unused_teacher = torch.zeros(len(saved["templates"]), len(task.classnames), task.clip.embed_dim,
-                                 device=task.clip.device)
-    model = MoPD(task.clip, task.classnames, unused_teacher, saved["top_t"])
-    model.ctx, model.n_ctx = nn.Parameter(saved["ctx"]), saved["n_ctx"]
+    unused_teacher = torch.zeros(len(saved["templates"]), len(exp.classnames), exp.clip.embed_dim,
+                                 device=exp.clip.device)
+    model = MoPD(exp.clip, exp.classnames, unused_teacher, saved["top_t"], saved["ctx_init"])
+    model.ctx.data.copy_(saved["ctx"])
     return model
 
 
@@ -260,27 +267,27 @@ def gate_report(model, image_feats, labels, templates, hyper):
 
 def run(args, seed):
     out = common.claim_run_dir(args, "mopd", seed)
-    task = common.prepare(args, seed)
+    exp = common.prepare(args, seed)
     hyper = dict(w=args.w, w2=args.w2, tau=args.tau)
-    saved = task.load_prompt("mopd")
+    saved = exp.load_prompt("mopd")
     if saved:
-        model, extra = saved_model(task, saved), {"loaded_from": args.load_prompt}
+        model, extra = saved_model(exp, saved), {"loaded_from": args.load_prompt}
     else:
-        teacher = pool_features(task.clip, args.templates, task.classnames)
-        model = MoPD(task.clip, task.classnames, teacher, args.top_t, args.ctx_init)
-        stats = task.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, **hyper)[0],
-                         desc="MoPD")
+        teacher = pool_features(exp.clip, args.templates, exp.classnames)
+        model = MoPD(exp.clip, exp.classnames, teacher, args.top_t, args.ctx_init)
+        stats = exp.fit([model.ctx, model.gate], lambda feats, labels: model_loss(model, feats, labels, **hyper)[0],
+                        desc="MoPD")
         extra = {"train": stats, "steps_per_epoch": stats["steps_per_epoch"]}
         if stats["steps_per_epoch"] == 1:
-            print(f"note: {len(task.train)} training images at batch {args.batch_size} give 1 step per epoch (the "
+            print(f"note: {len(exp.train)} training images at batch {args.batch_size} give 1 step per epoch (the "
                   f"official setting; see KgCoOp issue #2); --batch-size 32 gives more steps", file=sys.stderr)
-    metrics = task.evaluate(lambda names, feats: model.logits(feats, names))  # student prompt only
-    extra["nearest_words"] = common.nearest_words(task.clip, model.ctx.detach())
+    metrics = exp.evaluate(lambda names, feats: model.logits(feats, names))  # student prompt only
+    extra["nearest_words"] = common.nearest_words(exp.clip, model.ctx.detach())
     if not saved:
-        common.save_prompt(out, task, "mopd", model.ctx, gate=model.gate, templates=args.templates,
+        common.save_prompt(out, exp, "mopd", model.ctx, gate=model.gate, templates=args.templates,
                            ctx_init=args.ctx_init, top_t=args.top_t)
-        extra.update(gate_report(model, task.train_features(args.epochs - 1), task.labels, args.templates, hyper))
-    common.write_results(out, task, "mopd", metrics, extra)
+        extra.update(gate_report(model, exp.train_features(args.epochs - 1), exp.labels, args.templates, hyper))
+    common.write_results(out, exp, "mopd", metrics, extra)
     return metrics
 
 

@@ -47,8 +47,15 @@ HERE = Path(__file__).resolve().parent
 METHODS = {
     "zsclip": ("coop.py", ["--zero-shot"]),  # zero-shot CLIP with CoOp's dataset template
     "coop": ("coop.py", []),
-    "kdpl": ("kdpl.py", []),
+    "cocoop": ("cocoop.py", []),
+    "kdpl": ("kdpl.py", []),  # KDPL on its CoOp student
     "kdpl_ca": ("kdpl.py", ["--class-agnostic"]),
+    "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop"]),
+    "kdpl_ca_cocoop": ("kdpl.py", ["--student", "cocoop", "--class-agnostic"]),
+    "vpt": ("vpt.py", []),
+    "maple": ("maple.py", []),
+    "kdpl_vpt": ("kdpl.py", ["--student", "vpt"]),
+    "kdpl_maple": ("kdpl.py", ["--student", "maple"]),
     "mopd": ("mopd.py", []),
     "demul": ("demul.py", []),
     "empl": ("empl.py", []),
@@ -58,7 +65,7 @@ ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flow
           "sun397", "dtd", "eurosat", "ucf101"]
 # flags the sweep sets in every command, or that would file the results under another method
 SWEEP_FLAGS = ("--dataset", "--shots", "--seed", "--seeds", "--protocol", "--output", "--zero-shot",
-               "--class-agnostic")
+               "--class-agnostic", "--student")
 # settings that say where and how a run ran, not what it computed: a finished run may differ in them
 PLACE_SETTINGS = {"output", "cache_dir", "data_root", "no_download", "workers", "device", "overwrite", "seed", "seeds"}
 STOP = threading.Event()  # set on Ctrl-C: the local launcher's jobs start no further run
@@ -427,6 +434,17 @@ def run_submitit(passes, args, cluster="slurm"):
     return statuses + [status for jobs, pass_jobs in submitted[collected:] for status in collect(jobs, pass_jobs)]
 
 
+def job_error(err):
+    """The line that says why a job died. submitit's FailedJobError is a header, the job's traceback between
+    two rules of dashes, then the paths of the job's logs: the traceback's last line is the error. Others
+    (a job that left no result: its log's tail): their last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    if len(rules) >= 2 and rules[-1] > rules[-2] + 1:
+        return lines[rules[-1] - 1][:200]
+    return (lines or [type(err).__name__])[-1][:200]
+
+
 def collect(jobs, pass_jobs):
     """Wait for the jobs; the status of each of their runs. A job that died (killed, out of time and not
     requeued) reports its unfinished runs with the job's own log."""
@@ -435,9 +453,7 @@ def collect(jobs, pass_jobs):
         try:
             statuses += [(run, status, run.log) for run, status in job.result()]
         except Exception as err:  # whatever ended the job, the runs' results.json files say what was done
-            # submitit's FailedJobError: a fixed first line, the job's traceback, its last line the error
-            lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            reason = lines[-1].strip()[:200]
+            reason = job_error(err)
             statuses += [(run, "ok" if run.done() else f"failed (job {job.job_id}: {reason})", job.paths.stderr)
                          for run in runs]
     return statuses

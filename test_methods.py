@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -13,10 +14,13 @@ import multiprocessing
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -34,14 +38,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import cocoop
 import common
 import coop
 import data
 import demul
 import empl
 import kdpl
+import maple
 import mopd
 import sweep
+import vpt
 from data import DataError, Dataset, Item
 
 
@@ -145,7 +152,7 @@ def train_planted_coop(clip, detach=False, epochs=200):
     torch.manual_seed(0)
     model = coop.CoOp(clip, EUROSAT_NAMES, n_ctx=4)
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
-    prompts = model.prompts(EUROSAT_NAMES)
+    prompts = model.prompts
     train_x, train_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 4, seed=1)
     test_x, test_y = planted_features(clip, prompts, true_ctx, model.ctx.detach(), 50, seed=2)
     before = common.accuracy(model.logits(test_x), test_y)
@@ -254,6 +261,92 @@ echo "Submitted batch job $n"
 """
 
 
+def slurm_unavailable():
+    """Why the tests against a real SLURM controller cannot run here, or None. They need a controller that
+    answers and an idle node of this machine in its default partition: their jobs read the tests' temporary
+    files, so they must run here (.ci/run brings up such a single-node cluster where it can)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no SLURM here: sinfo and sbatch not on PATH (.ci/slurm-up, as root with apt-get, installs one)"
+    host = socket.gethostname().split(".")[0]
+    try:
+        proc = subprocess.run(["sinfo", "--noheader", "--Node", "--nodes", host, "--format", "%P %T"],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "SLURM's controller does not answer: sinfo timed out after 20 s"
+    if proc.returncode:
+        return f"SLURM's controller does not answer: {proc.stderr.strip()}"
+    if not any(part.endswith("*") and state in ("idle", "mixed") for part, state in
+               (line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)):
+        return f"no idle node {host} in SLURM's default partition (sinfo: {proc.stdout.strip() or 'none'})"
+    return None
+
+
+def submitit_times(log, event):
+    """The times at which a submitit job log says `event` ("Starting with", "Exiting after successful
+    completion"), one per attempt of the job."""
+    stamps = re.findall(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\) - " + re.escape(event), log.read_text())
+    return [time.mktime(time.strptime(t.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(t.split(",")[1]) / 1000
+            for t in stamps]
+
+
+def slurm_jobs(runs):
+    """The SLURM job ids (of arrays: the array's) submitted into a sweep's output, from submitit's folders
+    (`<id>` and `<id>_<index>`; submitit keeps other files there too)."""
+    return {found[1] for p in (runs / "submitit").glob("*") if (found := re.fullmatch(r"(\d+)(_\d+)?", p.name))}
+
+
+@pytest.fixture(scope="module")
+def real_slurm_sweep(mini_root, tmp_path_factory):
+    """A sweep submitted to a real SLURM controller: zero-shot CLIP, then CoOp and MoPD for seeds 1 and 2
+    (one job per seed, after the zero-shot job). While MoPD's run of seed 1 is under way, that job gets the
+    signal SLURM sends before a job's time limit, as its sbatch script asks for it; the sweep waits for
+    every job. Skips, with the reason, where there is no SLURM controller with a node on this machine."""
+    reason = slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("slurm")
+    runs, out = tmp / "runs", tmp / "sweep.out"
+    argv = ["run", "--methods", "zsclip", "coop", "mopd", "--shots", "1", "--seeds", "1", "2", "--output", str(runs),
+            "--launcher", "slurm", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1", "--slurm-time", "10",
+            "--wait", *sweep_run_flags(mini_root, tmp / "cache")]
+    mopd_log = runs / "logs/mopd/eurosat/fewshot/shots_1_seed_1.log"
+    with open(out, "w") as sink:  # unbuffered: the job ids can be read while the sweep waits
+        proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    give_up = time.monotonic() + 300  # a safety net against a stuck queue, not a time limit under test
+    try:
+        while not mopd_log.exists() and proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)
+        if not mopd_log.exists():
+            pytest.fail(f"MoPD's run of seed 1 did not start (in 300 s); the sweep said:\n{out.read_text()[-3000:]}")
+        job = re.search(r"^ +(\S+) +eurosat fewshot 1-shot seed 1: coop mopd$", out.read_text(), re.M)
+        if not job:
+            pytest.fail(f"the sweep did not list the job of seed 1:\n{out.read_text()[-3000:]}")
+        job = job[1]
+        finished_then = sorted(finished(runs))
+        coop_then = (runs / "coop/eurosat/fewshot/shots_1/seed_1/results.json").read_bytes()
+        array = job.split("_")[0]
+        script = (runs / "submitit" / array / f"{array}_submission.sh").read_text()
+        warning = re.search(r"^#SBATCH --signal=(\w+)@\d+$", script, re.M)[1]  # submitit's: USR2, 90 s before
+        subprocess.run(["scancel", f"--signal={warning}", job], check=True, capture_output=True, timeout=30)
+        try:
+            proc.wait(timeout=max(1.0, give_up - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sweep did not end within 300 s; it said:\n{out.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if slurm_jobs(runs):  # whatever went wrong, none of this sweep's jobs stays queued
+            subprocess.run(["scancel", *slurm_jobs(runs)], capture_output=True, timeout=30)
+    # without accounting (as on CI) submitit's status queries to sacct fail: it says so every few seconds
+    said = "".join(line for line in out.read_text().splitlines(keepends=True)
+                   if "sacct" not in line and "accounting storage is disabled" not in line)
+    return SimpleNamespace(argv=argv, runs=runs, code=proc.returncode, out=said, job=job,
+                           finished_then=finished_then, coop_then=coop_then)
+
+
 def softmax(xs):
     m = max(xs)
     e = [math.exp(x - m) for x in xs]
@@ -294,14 +387,24 @@ DISTRACTORS = ["piano", "volcano", "tennis ball", "submarine", "giraffe", "violi
                "chess board", "lantern", "kangaroo", "microscope"]
 
 
-def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10):
+def silent_cocoop(clip, names, ctx_init="a photo of a"):
+    """A CoCoOp whose Meta-Net starts silent (pi(x) = 0: its last layer zeroed), so that it starts where CoOp
+    with the same context starts: at chance on a planted task."""
+    model = cocoop.CoCoOp(clip, names, ctx_init=ctx_init, seed=1)
+    with torch.no_grad():
+        model.meta_net.linear2.weight.zero_(), model.meta_net.linear2.bias.zero_()
+    return model
+
+
+def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10, student="coop", batch_size=32):
     """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
     another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
     features lie near their class, so its zero-shot answer is right. Training sees no labels. With
     distractors, the training names are the true classes + names no image shows (KDPL-CA's dictionary),
     K of them are selected per batch, and the student is tested on the true classes only."""
     vocab = EUROSAT_NAMES + list(distractors)
-    student = kdpl.Student(clip, vocab, "a photo of a")
+    student = coop.kdpl_student(clip, vocab, SimpleNamespace(ctx_init="a photo of a"), seed=1) \
+        if student == "coop" else silent_cocoop(clip, vocab)
     true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
@@ -320,13 +423,14 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
             feats_t = feats_t[torch.randperm(len(feats_t), generator=shuffle)]
         return kdpl.kdpl_loss(student, teacher_text, feats_s, feats_t, k=k)
 
-    common.fit([student.ctx], loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs)
+    common.fit(student.trainable(), loss, lambda e: (train_x, train_t), n=len(train_x), epochs=epochs,
+               batch_size=batch_size)
     with torch.no_grad():
         after = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
     return before, after, teacher_acc
 
 
-def fake_task(tmp_path, clip, names, labels, epochs=3):
+def fake_experiment(tmp_path, clip, names, labels, epochs=3):
     items = []
     for i, y in enumerate(labels):
         path = tmp_path / f"img{i}.png"
@@ -337,7 +441,7 @@ def fake_task(tmp_path, clip, names, labels, epochs=3):
     args = kdpl.parse_args(["--epochs", str(epochs), "--batch-size", "4", "--device", "cpu"])
     cache = common.FeatureCache(tmp_path / "cache", workers=0)
     ds = data.Dataset("fake", items, [], [], names, "a photo of a {}.")
-    return common.Task(args, 1, clip, ds, names, items, torch.tensor(labels), {}, cache, n_views=2)
+    return common.Experiment(args, 1, clip, ds, names, items, torch.tensor(labels), {}, cache, n_views=2)
 
 
 def kdpl_args(tmp_path, cache, *extra):
@@ -566,11 +670,17 @@ def fake_embed(self, names):
 
 
 # The cheapest flags that still run each method's whole path (teacher, LLM space, SGLD, gate).
-CHEAP_FLAGS = {"coop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+CHEAP_FLAGS = {"coop": [], "cocoop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "kdpl_cocoop": ["--student", "cocoop", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "vpt": ["--depth", "2"], "maple": ["--depth", "2"],
+               "kdpl_vpt": ["--student", "vpt", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "kdpl_maple": ["--student", "maple", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained",
+                              "none"],
                "mopd": ["--batch-size", "8"], "demul": ["--llm", "minilm", "--pretrain-names", "40",
                                                          "--pretrain-epochs", "1"],
                "empl": ["--vocab", "imagenet", "--vocab-pool", "50", "--sgld-steps", "1"]}
-METHODS = {"coop": coop, "kdpl": kdpl, "mopd": mopd, "demul": demul, "empl": empl}
+METHODS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple, "kdpl": kdpl, "kdpl_cocoop": kdpl,
+           "kdpl_vpt": kdpl, "kdpl_maple": kdpl, "mopd": mopd, "demul": demul, "empl": empl}
 
 
 def run_method(name, root, out, cache, *extra, monkeypatch=None):
@@ -642,7 +752,13 @@ def image_logits(model, gen_seed=0):
 
 FAIL_EARLY = {  # a cheap precondition of each method that fails
     "coop": (["--output", "{file}/runs"], "is a file, not a folder"),
+    "cocoop": (["--output", "{file}/runs"], "is a file, not a folder"),
     "kdpl": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "kdpl_cocoop": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "vpt": (["--depth", "3"], "has 2 layers"),
+    "maple": (["--depth", "3"], "have 2 layers"),
+    "kdpl_vpt": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "kdpl_maple": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "mopd": (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
     "demul": (["--llm", "openai:text-embedding-3-large"], "OPENAI_API_KEY"),
     "empl": (["--init-from", "{tmp}/coop_prompt.pt"], "does not exist"),
@@ -957,24 +1073,72 @@ class TestCLIP:
         expected = common.encode_texts(clip, [template.format(n) for n in names])
         assert torch.allclose(prompts.features(ctx), expected, atol=1e-5)
 
-    @pytest.mark.parametrize("position", ["end", "middle", "front"])
-    def test_context_mask_marks_exactly_the_positions_the_context_fills(self, clip, position):
-        prompts = common.ClassPrompts(clip, ["Sea or Lake", "dog", "Annual Crop Land"], n_ctx=4, position=position)
-        rows = torch.tensor([2, 0])
-        for r in (None, rows):
-            moved = prompts.embed(torch.ones(4, clip.ctx_dim), r) != prompts.embed(torch.zeros(4, clip.ctx_dim), r)
-            assert torch.equal(prompts.context_mask(r), moved.any(-1, keepdim=True).float())
-            assert int(prompts.context_mask(r).sum()) == 4 * (3 if r is None else 2)
+    def test_section_1_of_common_is_a_unit_one_can_copy(self, clip, tmp_path):
+        """Section (1) of common.py and kdpl.py's loss functions, copied into an empty folder, reproduce
+        kdpl_loss and its gradient with nothing else of ours importable (no data.py, no rest of common)."""
+        text = (ROOT / "common.py").read_text()
+        start, end = text.index("\n# (1) "), text.index("\n# (2) ")
+        section = text[text.rindex("\n", 0, start - 1) + 1:text.rindex("\n", 0, end - 1) + 1]
+        header = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\nfrom dataclasses import dataclass\n"
+        (tmp_path / "common.py").write_text(header + section)
+        losses = f"KL_WEIGHTS = {kdpl.KL_WEIGHTS!r}\n\n" + "\n\n".join(
+            inspect.getsource(f) for f in (kdpl.select_classes, kdpl.symmetric_kl, kdpl.kdpl_loss))
+        (tmp_path / "kdpl_losses.py").write_text("import torch\nimport torch.nn.functional as F\nimport common\n\n" + losses)
+        torch.save(clip.model.state_dict(), tmp_path / "model.pt")
+        gen = torch.Generator().manual_seed(0)
+        ctx, s_feats, t_feats, t_text = (torch.randn(4, clip.ctx_dim, generator=gen), torch.randn(6, clip.embed_dim,
+                                         generator=gen), torch.randn(6, 96, generator=gen), torch.randn(5, 96, generator=gen))
+        torch.save({"ctx": ctx, "s_feats": s_feats, "t_feats": t_feats, "t_text": t_text}, tmp_path / "inputs.pt")
+        tiny, names = repr(common.TINY_CONFIGS["tiny"]), repr(EUROSAT_NAMES[:5])
+        script = textwrap.dedent(f"""
+            import sys, torch, open_clip
+            import common, kdpl_losses
+            try:
+                import data
+            except ImportError:
+                pass
+            else:
+                sys.exit("data.py is importable from the copy folder")
+            model = open_clip.CLIP(**{tiny})
+            model.load_state_dict(torch.load("model.pt"))
+            clip = common.Clip(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-16"))
 
-    def test_entering_the_text_tower_at_a_layer_gives_the_same_features(self, clip):
-        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
-        x = prompts.embed(torch.randn(4, clip.ctx_dim))
-        hidden = common.hidden_states(clip, x, layer=1)
-        via_hook = common.encode_hidden(clip, hidden, prompts.eot, layer=1)
-        assert torch.allclose(common.encode_hidden(clip, common.hidden_states(clip, x, 0), prompts.eot, 0), via_hook,
-                              atol=1e-5)
-        assert torch.allclose(via_hook, common.encode_text(clip, x, prompts.eot), atol=1e-5)
-        assert not torch.allclose(common.encode_hidden(clip, hidden * 1.1, prompts.eot, layer=1), via_hook)
+            class Student:  # CoOp's shared context over the training names: what a reader's own code would hold
+                def __init__(self, clip, names, ctx):
+                    self.clip, self.ctx = clip, ctx.requires_grad_(True)
+                    self.prompts = common.ClassPrompts(clip, names, len(ctx))
+                def logits(self, image_feats, rows=None):
+                    return common.cosine_logits(image_feats, self.prompts.features(self.ctx, rows), self.clip.logit_scale)
+            x = torch.load("inputs.pt")
+            student = Student(clip, {names}, x["ctx"])
+            loss = kdpl_losses.kdpl_loss(student, x["t_text"], x["s_feats"], x["t_feats"], 3)
+            loss.backward()
+            torch.save({{"loss": loss.detach(), "grad": student.ctx.grad}}, "out.pt")
+            """)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        copied = torch.load(tmp_path / "out.pt")
+        student = coop.CoOp(clip, EUROSAT_NAMES[:5], n_ctx=4)
+        student.ctx.data.copy_(ctx)
+        loss = kdpl.kdpl_loss(student, t_text, s_feats, t_feats, 3)
+        loss.backward()
+        assert torch.equal(copied["loss"], loss.detach()) and torch.equal(copied["grad"], student.ctx.grad)
+
+    def test_every_method_scores_with_clips_one_classifier(self, clip):
+        """MoPD's teachers, DeMul's prompts and EMPL's chains go through common.cosine_logits, bit for bit (a
+        classifier of their own, s * einsum(...), differs in the last bits: the scale is applied after the product)."""
+        gen = torch.Generator().manual_seed(0)
+        x, s = torch.randn(8, clip.embed_dim, generator=gen), clip.logit_scale
+        teachers = torch.randn(3, 5, clip.embed_dim, generator=gen)                           # (H, C, D)
+        model = mopd.MoPD(clip, EUROSAT_NAMES[:5], teachers, top_t=2)
+        assert torch.equal(model.teacher_logits(x), common.cosine_logits(x, teachers.flatten(0, 1), s).view(8, 3, 5))
+        text, w = torch.randn(5, 4, clip.embed_dim, generator=gen), torch.rand(5, 4, generator=gen)  # (C, M, D)
+        per_prompt = common.cosine_logits(x, text.flatten(0, 1), s).view(8, 5, 4).log_softmax(dim=1)
+        assert torch.equal(demul.combined_logits(x, text, w, s, "prob"),
+                           torch.logsumexp(per_prompt + w.clamp_min(1e-12).log(), dim=2))
+        X, g = torch.randn(2, 8, clip.embed_dim, generator=gen), torch.randn(2, 5, clip.embed_dim, generator=gen)
+        assert torch.equal(empl.logits(X, g, s), torch.stack([common.cosine_logits(X[k], g[k], s) for k in range(2)]))
 
     def test_class_specific_context_gives_each_class_its_own_prompt(self, clip):
         prompts = common.ClassPrompts(clip, ["cat", "dog"], n_ctx=2)
@@ -1050,7 +1214,7 @@ class TestTraining:
         assert stats["lr_per_epoch"] == pytest.approx(expected) and stats["steps_per_epoch"] == 2
 
     def test_every_epoch_reads_its_own_view_or_cycles_k_views(self, clip, tmp_path):
-        task = fake_task(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+        task = fake_experiment(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
         fresh = [dataclasses.replace(task, n_views=0).train_features(e) for e in range(3)]  # the official protocol
         assert all(not torch.allclose(fresh[i], fresh[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
         cycled = [dataclasses.replace(task, n_views=2).train_features(e) for e in range(3)]  # --aug-views 2
@@ -1159,8 +1323,9 @@ class TestFeatureCache:
         items = fake_items(tmp_path)
         cache = common.FeatureCache(tmp_path / "cache", workers=0)
         half = dataclasses.replace(clip, precision="bf16")
-        keys = {cache.path(c, "fake", "test").parent.parent.name for c in
-                (clip, half, dataclasses.replace(clip, device=torch.device("cuda")))}
+        on_cuda = SimpleNamespace(**{k: getattr(clip, k) for k in ("backbone", "weights", "activation", "image_size",
+                                                                     "precision")}, device=torch.device("cuda"))
+        keys = {cache.path(c, "fake", "test").parent.parent.name for c in (clip, half, on_cuda)}
         assert len(keys) == 3  # cpu-fp32, cpu-bf16, cuda-fp32 (TF32 convolutions) never share features
         images = torch.stack([common.test_transform(224)(Image.open(it.path).convert("RGB")) for it in items])
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1279,7 +1444,9 @@ class TestEveryMethod:
                                        monkeypatch=monkeypatch)
         torch.manual_seed(12345)  # whatever the global generator holds
         warm, warm_prompt = run_method(name, mini_root, tmp_path / "b", tmp_path / "cache", monkeypatch=monkeypatch)
-        assert cold["times"]["images_encoded"] > 0 and warm["times"]["images_encoded"] == 0
+        # a prompted image tower alone (VPT, MaPLe) never uses the cache: no frozen tower to serve
+        assert (cold["times"]["images_encoded"] > 0) == (name not in ("vpt", "maple"))
+        assert warm["times"]["images_encoded"] == 0
         assert warm["metrics"] == cold["metrics"]
         assert warm["train"]["loss_per_epoch"] == cold["train"]["loss_per_epoch"]
         for key, value in cold_prompt.items():
@@ -1332,6 +1499,17 @@ class TestEveryMethod:
                                   monkeypatch=monkeypatch)
         assert loaded["metrics"] == trained["metrics"] and "train" not in loaded and none is None
         assert loaded["loaded_from"] == str(prompt) and "loaded" in next((tmp_path / "eval").rglob("results.json")).parts
+
+    def test_the_prepared_gpu_check_runs_on_the_cpu(self, mini_root, tmp_path):
+        """benchmark.py --gpu-check (every method for real on a CUDA machine) has a CPU fallback: the same code
+        path on tiny towers, one table with a row per method and precision."""
+        proc = run_cli("benchmark.py", "--gpu-check", "--device", "cpu", "--backbone", "tiny", "--data-root",
+                       str(mini_root), "--images", "30", "--gpu-check-methods", "coop", "vpt", "--gpu-check-precisions",
+                       "bf16", "--workers", "0", "--output", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        table = proc.stdout.strip().splitlines()
+        assert table[0].split()[:3] == ["method", "precision", "s/step"] and len(table) == 3
+        assert all(line.split()[1] == "bf16" and line.endswith("ok") for line in table[1:]), table
 
     def test_a_saved_prompt_of_another_model_method_or_class_set_is_refused(self, mini_root, tmp_path, monkeypatch):
         run_method("coop", mini_root, tmp_path / "train", tmp_path / "cache", "--csc", monkeypatch=monkeypatch)
@@ -1448,6 +1626,241 @@ class TestCoOp:
         assert not torch.equal(context(1, 0), context(2, 0))
 
 
+class TestCoCoOp:
+    """cocoop.py: the batched conditional prompts, the Meta-Net's conditioning, what trains, the planted task."""
+
+    def per_image_logits(self, model, feats, names=None):
+        """The official forward pass: per image, ctx + pi(f(x)/||f(x)||) in every class's prompt, C prompts
+        through the text tower, then CLIP's classifier for that image."""
+        prompts = common.ClassPrompts(model.clip, names or model.classnames, model.n_ctx)
+        rows = []
+        for x in feats:
+            ctx = model.ctx + model.meta_net(F.normalize(x, dim=-1))
+            rows.append(common.cosine_logits(x[None], prompts.features(ctx), model.clip.logit_scale)[0])
+        return torch.stack(rows)
+
+    def test_batched_logits_equal_the_official_per_image_loop(self, clip, monkeypatch):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        feats = torch.randn(7, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = self.per_image_logits(model, feats)
+            assert torch.allclose(model.logits(feats), expected, atol=1e-5)
+            monkeypatch.setattr(cocoop, "PROMPTS_PER_PASS", 12)  # 2 images of 5 prompts per text-tower pass
+            assert torch.allclose(model.logits(feats), expected, atol=1e-5)
+            names = ["Sea or Lake", "a very long name of some rare thing", "dog"]  # another class list
+            assert torch.allclose(model.logits(feats, names), self.per_image_logits(model, feats, names), atol=1e-5)
+            rows = torch.tensor([3, 0])  # KDPL's selected classes
+            assert torch.allclose(model.logits(feats, rows=rows), expected[:, rows], atol=1e-5)
+
+    def test_the_meta_net_gives_each_image_its_own_prompts(self, clip):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        plain = coop.CoOp(clip, EUROSAT_NAMES[:5], n_ctx=None, ctx_init="a photo of a")  # the same context, no pi
+        feats = torch.randn(2, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            shifted = [model.ctx + model.meta_net(F.normalize(x, dim=-1)) for x in feats]  # v_m(x) per image
+            text = [common.encode_text(clip, model.prompts.embed_per_image(v[None])[0], model.prompts.eot) for v in shifted]
+            assert not torch.allclose(text[0], text[1], atol=1e-4)  # two images, two sets of class prompts
+            assert not torch.allclose(model.logits(feats), plain.logits(feats), atol=1e-3)
+            silent = silent_cocoop(clip, EUROSAT_NAMES[:5])  # pi(x) = 0: CoOp's logits exactly
+            assert torch.allclose(silent.logits(feats), plain.logits(feats), atol=1e-5)
+
+    def test_only_the_context_and_the_meta_net_receive_gradients(self, clip):
+        model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        feats = torch.randn(3, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        cocoop.cocoop_loss(model, feats, torch.tensor([0, 3, 4])).backward()
+        assert len(model.trainable()) == 5  # ctx, linear1 weight and bias, linear2 weight and bias
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
+        assert model.meta_net.linear1.weight.shape == (clip.embed_dim // 16, clip.embed_dim)  # d_v -> d_v / 16
+        assert model.meta_net.linear2.weight.shape == (clip.ctx_dim, clip.embed_dim // 16)    # -> d (the context's)
+
+    def test_gradient_checkpointing_changes_no_number(self, clip, monkeypatch):
+        """--grad-checkpointing: the text tower's blocks are recomputed in the backward pass (open_clip's
+        checkpoint is called) and the loss and every gradient are bit-identical."""
+        calls = []
+        original = open_clip.transformer.checkpoint
+        monkeypatch.setattr(open_clip.transformer, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+        feats = torch.randn(2, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+        runs = []
+        try:
+            for on in (False, True):
+                clip.model.set_grad_checkpointing(on)
+                model = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+                loss = cocoop.cocoop_loss(model, feats, torch.tensor([1, 3]))
+                loss.backward()
+                runs.append([loss.detach(), *[p.grad for p in model.trainable()]])
+                assert bool(calls) == on
+        finally:
+            clip.model.set_grad_checkpointing(False)
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def test_grad_checkpointing_flag_reaches_the_towers(self, mini_root, tmp_path):
+        for flags in ([], ["--grad-checkpointing"]):
+            args = cocoop.parse_args(["--backbone", "tiny", "--pretrained", "none", "--data-root", str(mini_root),
+                                      "--shots", "2", "--cache-dir", str(tmp_path), "--device", "cpu", *flags])
+            clip_ = common.prepare(args, 1).clip
+            assert clip_.text.transformer.grad_checkpointing == bool(flags)
+            assert clip_.model.visual.transformer.grad_checkpointing == bool(flags)
+
+    def test_the_meta_net_init_comes_from_the_runs_own_generator(self, clip):
+        torch.manual_seed(0)
+        a = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1)
+        torch.manual_seed(99)  # whatever the global generator holds
+        b, c = cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=1), cocoop.CoCoOp(clip, EUROSAT_NAMES[:5], seed=2)
+        assert torch.equal(a.meta_net.linear1.weight, b.meta_net.linear1.weight)
+        assert not torch.equal(a.meta_net.linear1.weight, c.meta_net.linear1.weight)
+
+    def test_cocoop_learns_the_planted_context_from_chance(self, clip):
+        """CoOp's planted task (image features made by the text tower with a hidden context) for CoCoOp with a
+        silent Meta-Net and a random context: from chance to most of the test set."""
+        model = silent_cocoop(clip, EUROSAT_NAMES, ctx_init="")
+        true_ctx = torch.randn(4, clip.ctx_dim, generator=torch.Generator().manual_seed(1)) * 0.5
+        train_x, train_y = planted_features(clip, model.prompts, true_ctx, model.ctx.detach(), 4, seed=1)
+        test_x, test_y = planted_features(clip, model.prompts, true_ctx, model.ctx.detach(), 50, seed=2)
+        with torch.no_grad():
+            before = common.accuracy(model.logits(test_x), test_y)
+        common.fit(model.trainable(), lambda x, y: cocoop.cocoop_loss(model, x, y), lambda e: (train_x, train_y),
+                   n=len(train_y), epochs=25, batch_size=8)
+        with torch.no_grad():
+            after = common.accuracy(model.logits(test_x), test_y)
+        assert before <= 20 and after >= 75, (before, after)
+        assert model.meta_net.linear2.weight.abs().sum() > 0  # the Meta-Net trained too
+
+    def test_cocoop_defaults_are_the_official_base_to_new_config(self):
+        args = cocoop.parse_args([])
+        assert (args.protocol, args.epochs, args.batch_size, args.lr, args.backbone, args.n_ctx, args.ctx_init) == \
+            ("base2new", 10, 1, 0.002, "ViT-B-16", 4, "a photo of a")
+        assert cocoop.parse_args(["--ctx-init", "", "--n-ctx", "8"]).n_ctx == 8
+        with pytest.raises(SystemExit):
+            cocoop.parse_args(["--n-ctx", "8"])  # contradicts the 4 words of --ctx-init
+
+
+class TestPromptedTowers:
+    """common.encode_image / encode_text with deep prompts (VPT, MaPLe, IVLP): the official forward passes."""
+
+    def images(self, n=3, seed=0):
+        return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+    def official_image_tower(self, clip, images, prompts, accumulate=False):
+        """The official prompted ViT, written out (multimodal-prompt-learning clip/model.py L393-L422 and the
+        IVLP block L234-L241): prompts appended after the positional embedding, before ln_pre; at block i < J
+        the last n tokens are replaced by P_i (accumulate=True: added to them instead, the error to catch)."""
+        v, n = clip.model.visual, len(prompts[0])
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
+        x = v.ln_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], 1))
+        for i, block in enumerate(v.transformer.resblocks):
+            if 0 < i < len(prompts):
+                new = prompts[i].expand(len(x), -1, -1)
+                x = torch.cat([x[:, :-n], x[:, -n:] + new if accumulate else new], 1)
+            x = block(x)
+        return v.ln_post(x[:, 0]) @ v.proj
+
+    def test_without_prompts_the_towers_are_open_clips(self, clip):
+        x = self.images()
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
+        emb = prompts.embed(torch.randn(4, clip.ctx_dim))
+        empty = [torch.zeros(0, clip.ctx_dim)] * 2
+        with torch.no_grad():
+            assert torch.equal(common.encode_image(clip, x), clip.model.encode_image(x))
+            assert torch.equal(common.encode_image(clip, x, empty), clip.model.encode_image(x))
+            assert torch.equal(common.encode_text(clip, emb, prompts.eot, deep=empty),
+                               common.encode_text(clip, emb, prompts.eot))
+
+    def test_deep_visual_prompts_are_replaced_at_each_layer_not_accumulated(self, clip):
+        x = self.images()
+        prompts = torch.randn(2, 5, clip.model.visual.transformer.width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = common.encode_image(clip, x, list(prompts))
+            assert torch.allclose(ours, self.official_image_tower(clip, x, prompts), atol=1e-5)
+            assert not torch.allclose(ours, self.official_image_tower(clip, x, prompts, accumulate=True), atol=1e-3)
+            assert not torch.allclose(ours, common.encode_image(clip, x, list(prompts[:1])), atol=1e-3)  # depth 1
+        p = prompts.clone().requires_grad_(True)
+        common.encode_image(clip, x, list(p)).sum().backward()
+        assert all(g.abs().sum() > 0 for g in p.grad)  # every layer's own prompts reach the output
+
+    def test_deep_text_prompts_replace_the_context_positions(self, clip):
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES[:4], 2, words="of a")
+        gen = torch.Generator().manual_seed(2)
+        ctx, deep = torch.randn(2, clip.ctx_dim, generator=gen), torch.randn(1, 2, clip.ctx_dim, generator=gen)
+        emb, t = prompts.embed(ctx), clip.text
+
+        def official(accumulate=False):  # the IVLP/MaPLe text block (L242-L252): positions 1..n after SOS
+            x = emb + t.positional_embedding[:emb.shape[1]]
+            mask = t.attn_mask[:emb.shape[1], :emb.shape[1]]
+            for i, block in enumerate(t.transformer.resblocks):
+                if i == 1:
+                    new = deep[0].expand(len(x), -1, -1)
+                    x = torch.cat([x[:, :1], x[:, 1:3] + new if accumulate else new, x[:, 3:]], 1)
+                x = block(x, attn_mask=mask)
+            return t.ln_final(x)[torch.arange(len(x)), prompts.eot] @ t.text_projection
+
+        with torch.no_grad():
+            ours = common.encode_text(clip, emb, prompts.eot, deep=list(deep))
+            assert torch.allclose(ours, official(), atol=1e-5)
+            assert not torch.allclose(ours, official(accumulate=True), atol=1e-3)
+            padded = torch.cat([emb, emb[:, -1:].expand(-1, 77 - emb.shape[1], -1)], 1)  # no EOT cut
+            assert torch.allclose(common.encode_text(clip, padded, prompts.eot, deep=list(deep)), ours, atol=1e-5)
+        assert prompts.tokens[0, 3:5].tolist() == clip.tokenizer(["of a"])[0, 1:3].tolist()  # "of a" stays frozen
+
+    def test_maples_visual_prompts_are_the_coupling_of_its_text_prompts(self):
+        """A CLIP whose towers have different widths (text 64, vision 96): the couplings follow the model."""
+        torch.manual_seed(0)
+        model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=224, layers=3, width=96, head_width=32,
+                               patch_size=32), text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2,
+                               layers=3)).eval().requires_grad_(False)
+        clip_ = common.Clip(model, open_clip.get_tokenizer("ViT-B-16"), backbone="odd")
+        m = maple.MaPLe(clip_, EUROSAT_NAMES[:3], n_ctx=2, depth=3, seed=1)
+        visual = m.visual_prompts()
+        assert [tuple(v.shape) for v in visual] == [(2, 96)] * 3
+        assert torch.equal(visual[0], m.proj(m.ctx)) and torch.equal(visual[2], m.deep_proj[1](m.deep_text[1]))
+        assert torch.equal(m.deep_proj[0].weight, m.deep_proj[1].weight)  # _get_clones: identical starts
+        assert not torch.equal(m.proj.weight, m.deep_proj[0].weight)
+        loss = maple.maple_loss(m, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_gradients_reach_the_prompts_only(self, clip, method):
+        model = vpt.VPT(clip, EUROSAT_NAMES[:3], 4, 2) if method == "vpt" else maple.MaPLe(clip, EUROSAT_NAMES[:3], 2, 2)
+        loss = (vpt.vpt_loss if method == "vpt" else maple.maple_loss)(model, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
+
+    def test_the_prompted_tower_sees_the_crop_the_cache_encoded(self, clip, tmp_path):
+        """View k of a training image: the pixels a prompted tower gets are the ones a cached frozen tower's
+        feature of view k was computed from (what a KDPL teacher or PromptSRC's frozen CLIP reads)."""
+        exp = fake_experiment(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+        rows = torch.tensor([2, 0])
+        with torch.no_grad():
+            for epoch in (0, 1):
+                live = clip.model.encode_image(exp.train_images(epoch)[rows])
+                assert torch.allclose(live, exp.train_features(epoch)[rows], atol=1e-5)
+            assert not torch.allclose(exp.train_images(0)[rows], exp.train_images(1)[rows])  # two views, two crops
+
+    @pytest.mark.parametrize("script", ["vpt.py", "maple.py"])
+    def test_a_resnet_backbone_gets_one_message_before_any_image_is_encoded(self, script, mini_root, tmp_path):
+        proc = run_cli(script, "--dataset", "eurosat", "--shots", "1", "--backbone", "RN50", "--pretrained", "none",
+                       "--data-root", str(mini_root), "--no-download", "--output", str(tmp_path / "runs"),
+                       "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "0")
+        assert proc.returncode != 0 and "needs a ViT backbone" in proc.stderr and "Traceback" not in proc.stderr
+        assert not list((tmp_path / "cache").rglob("*.pt"))
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_official_defaults(self, method):
+        args = METHODS[method].parse_args([])
+        expected = {"vpt": (5, 4, 0.0025, 8, 12), "maple": (5, 4, 0.0035, 2, 9)}[method]
+        assert (args.epochs, args.batch_size, args.lr, args.n_ctx, args.depth) == expected
+        assert (args.protocol, args.backbone) == ("base2new", "ViT-B-16")
+        if method == "maple":  # training for cross-dataset / domain generalisation: the cross-dataset config
+            xd = maple.parse_args(["--dataset", "imagenet", "--protocol", "fewshot", "--eval-on", "imagenetv2"])
+            assert (xd.depth, xd.lr, xd.epochs) == (3, 0.0026, 2)
+        kd = kdpl.parse_args(["--student", method])
+        assert (kd.backbone, kd.epochs, kd.batch_size) == ("ViT-B-32", 5, 4)
+
+
 class TestKDPL:
     """kdpl.py: the symmetric KL, top-K selection, label-free and class-agnostic learning, the teacher."""
 
@@ -1475,7 +1888,9 @@ class TestKDPL:
         g = torch.Generator().manual_seed(0)
         t_text, t_feats = torch.randn(6, 7, generator=g), torch.randn(4, 7, generator=g)  # teacher space: 7-d
         s_text, s_feats = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g)  # student space: 5-d
-        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=torch.tensor(30.0)), text_features=lambda rows: s_text[rows])
+        scale = torch.tensor(30.0)
+        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=scale),
+                                  logits=lambda feats, rows: common.cosine_logits(feats, s_text[rows], scale))
         args = [x.tolist() for x in (s_feats, s_text, t_feats, t_text)]
         hand = hand_kdpl_loss(*args, k=2, student_scale=30.0)
         assert kdpl.kdpl_loss(student, t_text, s_feats, t_feats, k=2).item() == pytest.approx(hand, rel=1e-5)
@@ -1505,6 +1920,36 @@ class TestKDPL:
         assert torch.allclose(prompts.features(ctx, rows), expected, atol=1e-5)
         assert torch.allclose(prompts.features(ctx)[rows], expected, atol=1e-5)
 
+    def test_each_kl_setting_computes_the_divergence_it_names(self):
+        """--kl: the loss of kdpl_loss (teacher = all classes) is the named divergence by hand."""
+        g = torch.Generator().manual_seed(0)
+        t_text, t_feats = torch.randn(4, 7, generator=g), torch.randn(3, 7, generator=g)
+        s_text, s_feats = torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g)
+        scale = torch.tensor(20.0)
+        student = SimpleNamespace(clip=SimpleNamespace(logit_scale=scale),
+                                  logits=lambda feats, rows: common.cosine_logits(feats, s_text[rows], scale))
+        p_s = common.cosine_logits(s_feats, s_text, scale).softmax(-1)
+        p_t = common.cosine_logits(t_feats, t_text, scale).softmax(-1)
+        kl = lambda p, q: float((p * (p / q).log()).sum(-1).mean())  # KL(p || q), batch mean
+        expected = {"forward": kl(p_t, p_s), "reverse": kl(p_s, p_t), "symmetric": 0.5 * kl(p_t, p_s) + 0.5 * kl(p_s, p_t)}
+        for name, value in expected.items():
+            assert kdpl.kdpl_loss(student, t_text, s_feats, t_feats, 4, kl=name).item() == pytest.approx(value, rel=1e-5)
+        assert kdpl.parse_args([]).kl == "symmetric" and kdpl.parse_args(["--kl", "reverse"]).kl == "reverse"
+
+    def test_the_students_official_kdpl_config_sets_the_defaults(self):
+        a, b = kdpl.parse_args([]), kdpl.parse_args(["--student", "cocoop"])
+        assert (a.backbone, a.epochs, a.batch_size, a.lr, a.ctx_init) == ("ViT-B-32", 50, 32, 0.002, "a photo of a")
+        assert (b.backbone, b.epochs, b.batch_size, b.lr, b.ctx_init) == ("ViT-B-32", 10, 1, 0.002, "a photo of a")
+        c = kdpl.parse_args(["--student", "cocoop", "--epochs", "3", "--batch-size", "4"])  # flags given win
+        assert (c.epochs, c.batch_size) == (3, 4)
+        assert [kdpl.method_name(x) for x in (a, b, kdpl.parse_args(["--student", "cocoop", "--class-agnostic"]))] \
+            == ["kdpl", "kdpl_cocoop", "kdpl_ca_cocoop"]
+
+    def test_kdpl_on_cocoop_climbs_to_the_teacher_without_labels(self, clip):
+        before, after, teacher_acc = train_planted_kdpl(clip, student="cocoop", epochs=25, batch_size=8)
+        assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
+        assert after >= 75, after
+
     def test_kdpl_student_climbs_to_the_teacher_without_labels(self, clip):
         before, after, teacher_acc = train_planted_kdpl(clip)
         assert teacher_acc >= 99, teacher_acc
@@ -1522,7 +1967,8 @@ class TestKDPL:
         assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
         assert after >= 80, after
 
-    def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path):
+    @pytest.mark.parametrize("student", ["coop", "cocoop", "vpt", "maple"])
+    def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path, student):
         names = ["cat", "dog", "car", "tree"]
         labels = [i % 4 for i in range(12)]
         shuffled = labels[:]
@@ -1530,14 +1976,18 @@ class TestKDPL:
         assert shuffled != labels
         ctxs = []
         for lab in (labels, shuffled):
-            task = fake_task(tmp_path, clip, names, lab)
+            task = fake_experiment(tmp_path, clip, names, lab)
             teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template)
-            student = kdpl.Student(clip, names, "a photo of a")
-            stats = kdpl.train(task, student, teacher, teacher_text, len(names))
-            ctxs.append(student.ctx.detach().clone())
+            flags = SimpleNamespace(ctx_init="a photo of a", n_ctx=2, depth=2)
+            model = kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric",
+                               images=kdpl.STUDENTS[student].IMAGE_INPUT == "images")
+            ctxs.append(torch.cat([p.detach().flatten() for p in model.trainable()]))
         assert stats["steps_per_epoch"] == 3 and task.cache.computed == 0  # the second run read the cache
         assert torch.equal(ctxs[0], ctxs[1])
-        assert not torch.equal(ctxs[0], common.words_to_embeddings(clip, "a photo of a"))  # it did train
+        start = torch.cat([p.detach().flatten() for p in kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+                           .trainable()])
+        assert not torch.equal(ctxs[0], start)  # it did train
 
     @needs_eurosat
     def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(self, tmp_path, shared_cache):
@@ -1748,7 +2198,8 @@ class TestMoPD:
         templates = mopd.dataset_pool("eurosat")[:3]
         teacher = mopd.pool_features(clip_, templates, EUROSAT_NAMES)
         direct = F.normalize(common.encode_texts(clip_, [templates[1].format(n) for n in EUROSAT_NAMES]), dim=-1)
-        assert teacher.shape == (3, 10, clip_.embed_dim) and torch.allclose(teacher[1], direct, atol=1e-6)
+        assert teacher.shape == (3, 10, clip_.embed_dim)
+        assert torch.allclose(F.normalize(teacher[1], dim=-1), direct, atol=1e-6)
         model = mopd.MoPD(clip_, EUROSAT_NAMES, teacher, top_t=2)
         assert model.gate.shape == (clip_.embed_dim, 3) and clip_.embed_dim != 512 and not model.gate.any()
         feats = torch.randn(4, clip_.embed_dim)
@@ -2095,6 +2546,25 @@ class TestDeMul:
 class TestEMPL:
     """empl.py (reconstruction): SGLD, task chains, the unseen-word term, planted base-to-new."""
 
+    @pytest.mark.parametrize("position", ["end", "middle", "front"])
+    def test_context_mask_marks_exactly_the_positions_the_context_fills(self, clip, position):
+        prompts = common.ClassPrompts(clip, ["Sea or Lake", "dog", "Annual Crop Land"], n_ctx=4, position=position)
+        rows = torch.tensor([2, 0])
+        for r in (None, rows):
+            moved = prompts.embed(torch.ones(4, clip.ctx_dim), r) != prompts.embed(torch.zeros(4, clip.ctx_dim), r)
+            assert torch.equal(empl.context_mask(prompts, r), moved.any(-1, keepdim=True).float())
+            assert int(empl.context_mask(prompts, r).sum()) == 4 * (3 if r is None else 2)
+
+    def test_entering_the_text_tower_at_a_layer_gives_the_same_features(self, clip):
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, n_ctx=4)
+        x = prompts.embed(torch.randn(4, clip.ctx_dim))
+        hidden = common.hidden_states(clip, x, layer=1)
+        via_hook = common.encode_hidden(clip, hidden, prompts.eot, layer=1)
+        assert torch.allclose(common.encode_hidden(clip, common.hidden_states(clip, x, 0), prompts.eot, 0), via_hook,
+                              atol=1e-5)
+        assert torch.allclose(via_hook, common.encode_text(clip, x, prompts.eot), atol=1e-5)
+        assert not torch.allclose(common.encode_hidden(clip, hidden * 1.1, prompts.eot, layer=1), via_hook)
+
     def test_one_sgld_step_is_the_langevin_update_by_hand(self, clip):
         # a quadratic energy, whose gradient is known in closed form: dE/dH = H - mu
         H0, mu, mask = torch.randn(2, 3, 6, 5), torch.randn(2, 3, 6, 5), (torch.rand(3, 6, 1) > 0.5).float()
@@ -2268,16 +2738,17 @@ class TestEMPL:
 
     def test_init_from_a_coop_prompt_checks_compatibility(self, clip, tmp_path, capsys):
         ctx = torch.randn(4, clip.ctx_dim)
-        saved = {"ctx": ctx, "n_ctx": 4, "position": "middle", "csc": False, "backbone": "tiny", "weights": "random"}
+        saved = {"method": "coop", "ctx": ctx, "n_ctx": 4, "position": "middle", "csc": False, "backbone": "tiny",
+                 "weights": "random", "activation": clip.activation}
         torch.save(saved, tmp_path / "ok.pt")
         args = lambda name: argparse.Namespace(init_from=str(tmp_path / name), ctx_init=None)
         got, position = empl.initial_context(args("ok.pt"), clip)
         assert torch.equal(got, ctx) and position == "middle" and capsys.readouterr().out == ""
         for name, change, message in [("csc.pt", {"ctx": torch.randn(3, 4, clip.ctx_dim), "csc": True}, "class-specific"),
                                       ("wide.pt", {"ctx": torch.randn(4, 128), "backbone": "tiny-wide"}, "tiny-wide"),
-                                      ("gelu.pt", {"activation": "QuickGELU"}, "random, QuickGELU, width"),
-                                      ("mopd.pt", {"method": "mopd"}, "written by mopd"),
-                                      ("junk.pt", None, "not a coop.py prompt.pt")]:
+                                      ("gelu.pt", {"activation": "QuickGELU"}, "tiny / random / QuickGELU"),
+                                      ("mopd.pt", {"method": "mopd"}, "written by mopd, not by coop or empl"),
+                                      ("junk.pt", None, "written by something else")]:
             torch.save(dict(saved, **change) if change else {"weights": 1}, tmp_path / name)
             with pytest.raises(common.UserError, match=message):
                 empl.initial_context(args(name), clip)
@@ -2479,6 +2950,20 @@ class TestSweeps:
         assert [status for _, status in jobs["4243_9"]()] == ["skipped (results exist)"] * 2
         assert "4242_0 .. 4242_1" in out and "4243_0 .. 4243_10" in out and str(runs / "submitit") in out
 
+    def test_a_dead_job_is_reported_with_the_error_that_ended_it(self, tmp_path):
+        """A job that ended with an error, as submitit reports it (its traceback and then its log paths), e.g. one
+        that got SLURM's time-limit signal and was not requeued: each unfinished run names the error."""
+        import submitit
+        from submitit.core.utils import cloudpickle_dump
+        job = submitit.SlurmJob(folder=tmp_path / "submitit" / "%j", job_id="77_0")
+        job.paths.result_pickle.parent.mkdir(parents=True)
+        error = "submitit.core.utils.UncompletedJobError: Job not requeued because: checkpoint function returned None."
+        cloudpickle_dump(("error", f"Traceback (most recent call last):\n  File \"sweep.py\", line 1\n{error}\n"),
+                         job.paths.result_pickle)
+        runs = [sweep.make_run(m, "eurosat", "fewshot", 1, 1, str(tmp_path / "runs"), ()) for m in ("coop", "mopd")]
+        write_fake_result(tmp_path / "runs", "coop", "fewshot", 1, 1, {"accuracy": 1.0})  # its first run finished
+        assert [status for _, status, _ in sweep.collect([job], [runs])] == ["ok", f"failed (job 77_0: {error})"]
+
     def test_a_finished_run_of_other_settings_is_not_taken_for_this_sweeps(self, tmp_path, capsys):
         runs = tmp_path / "runs"
         write_fake_result(runs, "coop", "fewshot", 1, 1, {"accuracy": 1.0})
@@ -2516,3 +3001,58 @@ class TestSweeps:
         text = str(exit_.value.code) + capsys.readouterr().err
         assert message in text, text
         assert "Traceback" not in text and not (tmp_path / "runs").exists()
+
+
+class TestRealSlurm:
+    """sweep.py against a real SLURM controller (a single-node cluster: .ci/slurm-up on CI): its sbatch,
+    job arrays, dependency and requeue. Skipped, with the reason, where no controller has a node here."""
+
+    def test_a_sweep_runs_both_job_arrays_in_order_and_a_rerun_submits_nothing(self, real_slurm_sweep, monkeypatch,
+                                                                               capsys):
+        sw = real_slurm_sweep
+        code = sw.code
+        assert code == 0, sw.out[-3000:]
+        assert sorted(finished(sw.runs)) == [f"{method}/eurosat/fewshot/shots_1/seed_{seed}" for method, seed in
+                                             [("coop", 1), ("coop", 2), ("mopd", 1), ("mopd", 2), ("zsclip", 1)]]
+        first = re.search(r"^submitted 1 job\(s\) \(zero-shot CLIP.*: (\d+)$", sw.out, re.M)
+        second = re.search(r"^submitted 2 job\(s\) \(one job per dataset.*after job (\d+) ends: (\d+)_0 \.\. \2_1$",
+                           sw.out, re.M)
+        assert first and second and second.group(1) == first.group(1), sw.out
+        # SLURM held the training jobs until the zero-shot job (which fills the cache with the test set) ended
+        zero_shot_end = submitit_times(sw.runs / "submitit" / first[1] / f"{first[1]}_0_log.out",
+                                       "Exiting after successful completion")
+        starts = [t for i in (0, 1) for t in submitit_times(
+            sw.runs / "submitit" / f"{second[2]}_{i}" / f"{second[2]}_{i}_0_log.out", "Starting with")]
+        assert len(zero_shot_end) == 1 and len(starts) == 3, (zero_shot_end, starts)
+        assert min(starts) >= zero_shot_end[0], "a training job started before the zero-shot job had ended"
+        # the same command again: everything is done, nothing is submitted (without --wait: were anything
+        # submitted, the test would not wait for it; it cancels it)
+        monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # a submission would extend it
+        before = slurm_jobs(sw.runs)
+        sweep.main([arg for arg in sw.argv if arg != "--wait"])
+        out = capsys.readouterr().out
+        submitted = slurm_jobs(sw.runs) - before
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, timeout=30)
+        assert "grid: 5 run(s); 5 with results (skipped); 0 to run in 0 job(s)" in out, out
+        assert "submitted" not in out and not submitted, out
+
+    def test_a_job_signalled_before_its_time_limit_is_requeued_and_runs_only_its_missing_runs(self, real_slurm_sweep):
+        sw = real_slurm_sweep
+        coop, mopd = "coop/eurosat/fewshot/shots_1/seed_1", "mopd/eurosat/fewshot/shots_1/seed_1"
+        finished_then, code = sw.finished_then, sw.code
+        assert coop in finished_then and mopd not in finished_then, "the signal did not come between the job's runs"
+        assert code == 0, sw.out[-3000:]
+        job_log = sw.runs / "submitit" / sw.job / f"{sw.job}_0_log.out"
+        # submitit's signal handler called SweepJob.checkpoint, then `scontrol requeue`; the job started again
+        assert f"Requeued job {sw.job}" in job_log.read_text(), job_log.read_text()[-3000:]
+        assert len(submitit_times(job_log, "Starting with")) == 2
+        # the requeued job skipped CoOp's finished run and ran MoPD's interrupted one again, to the end
+        assert (sw.runs / coop / "results.json").read_bytes() == sw.coop_then, "CoOp's finished run ran again"
+        logs = sw.runs / "logs"
+        assert (logs / "coop/eurosat/fewshot/shots_1_seed_1.log").read_text().count("$ ") == 1
+        assert (logs / "mopd/eurosat/fewshot/shots_1_seed_1.log").read_text().count("$ ") == 2
+        assert (sw.runs / mopd / "results.json").is_file()
+        # the sweep's outcome of that job: its second attempt's
+        for status in (r"skipped \(results exist\) +coop", "ok +mopd"):
+            assert re.search(f"^{status} eurosat fewshot 1-shot seed 1$", sw.out, re.M), sw.out[-3000:]
