@@ -194,6 +194,20 @@ def words_to_embeddings(clip, words):
         return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
 
 
+def context_from_words(clip, ctx_init, n_ctx, gen):
+    """(ctx (n, d), frozen words) of IVLP / MaPLe / PromptSRC's text context: the first n tokens of the template
+    ctx_init start the context and its other words stay as frozen tokens after it ("a photo of a" with n = 2:
+    "a photo" learned, "of a" frozen); no template, or n beyond it: N(0, 0.02^2) from gen and no frozen words."""
+    words = ctx_init.split()
+    if not ctx_init or n_ctx > len(words):
+        return torch.randn(n_ctx, clip.ctx_dim, generator=gen) * 0.02, ""
+    init = words_to_embeddings(clip, ctx_init)
+    if len(init) != len(words):
+        raise ValueError(f'"{ctx_init}": one token per word is needed to split it into learned and frozen words '
+                         f'({len(init)} tokens for {len(words)} words)')
+    return init[:n_ctx], " ".join(words[n_ctx:])
+
+
 class ClassPrompts:
     """CoOp's prompt layout for a list of class names, at the token-embedding level:
         end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
@@ -427,13 +441,14 @@ def train_step(opt, scaler, loss):
 
 
 def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="fp32", seed=1,
-        device="cpu", desc="train", no_decay=()):
+        device="cpu", desc="train", no_decay=(), epoch_end=None):
     """Train `params` (the method's learnable tensors only) with CoOp's recipe.
 
     epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
     that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
-    optimiser actually used in each epoch."""
+    loss_fn(*rows) returns the scalar loss; epoch_end(epoch), if given, runs after each epoch's last step
+    (PromptSRC's prompt aggregation). Returns per-epoch statistics, with the learning rate the optimiser
+    actually used in each epoch."""
     device = torch.device(device)
     opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
     steps = steps_per_epoch(n, batch_size)
@@ -458,6 +473,8 @@ def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precisi
                                 f"or a smaller --lr")
         losses.append(mean_loss)
         lrs.append(opt.param_groups[0]["lr"])
+        if epoch_end is not None:
+            epoch_end(epoch)
         bar.set_postfix(loss=f"{mean_loss:.4f}")
     # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
     collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
@@ -895,7 +912,7 @@ class Experiment:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return ViewImages(self.train, self.clip.image_size, view, self.clip.device)
 
-    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc=""):
+    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc="", epoch_end=None):
         """common.fit with this run's settings (--epochs, --batch-size, --lr, precision, seed, device) over
         its training set; epoch_data defaults to (that epoch's view features, labels). The training time
         is recorded net of the features computed on the way (augmented views are image-tower work)."""
@@ -903,7 +920,7 @@ class Experiment:
         start, feature_s = time.perf_counter(), self.cache.seconds
         stats = fit(params, loss_fn, epoch_data, n=len(self.train), epochs=self.args.epochs,
                     batch_size=self.args.batch_size, lr=self.args.lr, precision=self.clip.precision, seed=self.seed,
-                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay)
+                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay, epoch_end=epoch_end)
         self.times["training_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
         return stats
 

@@ -56,6 +56,8 @@ METHODS = {
     "maple": ("maple.py", []),
     "kdpl_vpt": ("kdpl.py", ["--student", "vpt"]),
     "kdpl_maple": ("kdpl.py", ["--student", "maple"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc"]),
     "mopd": ("mopd.py", []),
     "demul": ("demul.py", []),
     "empl": ("empl.py", []),
