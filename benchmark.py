@@ -82,8 +82,7 @@ def random_weights_file(backbone, root):
     """A checkpoint file of random weights, so that runs load from a file as offline users do."""
     path = root / f"{backbone}_random_weights.bin"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.save(common.load_clip(backbone, "none").model.state_dict(), path)
+        common.save_atomic(common.load_clip(backbone, "none").model.state_dict(), path)
     return path
 
 
@@ -106,7 +105,7 @@ def subset_root(args, root):
         link = root / src.folder / entry.relative_to(source)
         if not link.exists():
             link.symlink_to(entry)
-    (root / src.folder / split_file.name).write_text(json.dumps(split))
+    common.write_atomic(root / src.folder / split_file.name, lambda tmp: tmp.write_text(json.dumps(split)))
     return str(root)
 
 
@@ -549,7 +548,18 @@ def gpu_check(args):
             if torch.cuda.is_available() and args.device != "cpu" else None, "rows": rows, "table": lines}
 
 
+def write_json(path, result):
+    common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+
 def main():
+    try:
+        measure()
+    except (common.UserError, data.DataError) as err:  # a full disk, a missing dataset: one message
+        sys.exit(f"error: {err}")
+
+
+def measure():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
     p.add_argument("--dataset", default="eurosat")
@@ -592,9 +602,7 @@ def main():
             args.images = 500
         result = prompted_cost(args) if args.prompted_cost else gpu_check(args)
         name = "prompted_cost" if args.prompted_cost else "gpu_check"
-        out = Path(args.output) / f"{name}_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"{name}_{args.backbone}_{args.device}.json", result)
         if args.prompted_cost:
             print(json.dumps(result, indent=1))
         return
@@ -602,17 +610,14 @@ def main():
         result = {"backbone": args.backbone, "device": args.device, "precision": args.precision,
                   "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                   "repeats": args.repeats, "settings": cocoop_cost(args)}
-        out = Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json", result)
         print(json.dumps(result, indent=1))
         return
     if args.memory or args.grid:
         root = Path(args.output) / "tmp" / str(time.time_ns())
         result = memory(args, root) if args.memory else grid(args, root)
         name = f"{'memory' if args.memory else 'grid'}_{args.backbone}_{args.dataset}.json"
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / name).write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / name, result)
         print(json.dumps(result, indent=1))
         return
     device = common.resolve_device(args.device)
@@ -624,9 +629,7 @@ def main():
               "versions": common.versions()}
     if args.empl_cost:
         result["empl_cost"] = empl_cost(args, ds, clip, device)
-        out = Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json", result)
         print(json.dumps(result["empl_cost"], indent=1))
         return
 
@@ -676,9 +679,7 @@ def main():
         result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json", result)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "versions"},
                      indent=1))
 
