@@ -11,7 +11,7 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost);
   * with --cocoop-cost, only CoCoOp's training step, evaluation and peak memory against CoOp's, for EuroSAT's
     10 classes and ImageNet's 1,000 (see cocoop_cost);
-  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe) against the frozen
+  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe, PromptSRC) against the frozen
     tower's own forward and backward and against CoOp's step with the image pass (see prompted_cost);
   * with --gpu-check, every method once for real on --device (bf16 and fp16; see gpu_check): the prepared GPU
     check, which runs on the CPU too (--device cpu --backbone tiny);
@@ -50,6 +50,7 @@ import coop
 import data
 import empl
 import maple
+import promptsrc
 import vpt
 
 
@@ -420,7 +421,7 @@ def cocoop_setting(args):
                       "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}))
 
 
-PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple"]
+PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple", "promptsrc"]
 
 
 def prompted_cost(args):
@@ -465,9 +466,13 @@ def prompted_setting(args):
     elif setting == "vpt":
         model = vpt.VPT(clip, names, 8, depth)  # VPT's config: 8 tokens in every layer
         loss_fn = lambda: vpt.vpt_loss(model, images, labels)
-    else:
+    elif setting == "maple":
         model = maple.MaPLe(clip, names, 2, min(9, depth))  # MaPLe's: 2 tokens, depth 9
         loss_fn = lambda: maple.maple_loss(model, images, labels)
+    else:
+        model = promptsrc.PromptSRC(clip, names, 4, min(9, depth))  # PromptSRC's: 4 tokens, depth 9
+        frozen = torch.randn(batch, clip.embed_dim, generator=gen).to(device)  # the cache's frozen features
+        loss_fn = lambda: promptsrc.promptsrc_loss(model, images, frozen, labels)
     opt = torch.optim.SGD(model.trainable(), lr=0.002, momentum=0.9)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before, _ = rss_mb()
@@ -498,6 +503,8 @@ GPU_CHECK_METHODS = {  # method -> its command's own flags (a random ViT-B/32 te
     "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_vpt": ("kdpl.py", ["--student", "vpt", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_maple": ("kdpl.py", ["--student", "maple", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "mopd": ("mopd.py", []), "demul": ("demul.py", ["--llm", "minilm", "--pretrain-names", "2000"]),
     "empl": ("empl.py", ["--vocab", "imagenet"])}
 
