@@ -11,7 +11,7 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost);
   * with --cocoop-cost, only CoCoOp's training step, evaluation and peak memory against CoOp's, for EuroSAT's
     10 classes and ImageNet's 1,000 (see cocoop_cost);
-  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe) against the frozen
+  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe, PromptSRC) against the frozen
     tower's own forward and backward and against CoOp's step with the image pass (see prompted_cost);
   * with --gpu-check, every method once for real on --device (bf16 and fp16; see gpu_check): the prepared GPU
     check, which runs on the CPU too (--device cpu --backbone tiny);
@@ -50,6 +50,7 @@ import coop
 import data
 import empl
 import maple
+import promptsrc
 import vpt
 
 
@@ -82,8 +83,7 @@ def random_weights_file(backbone, root):
     """A checkpoint file of random weights, so that runs load from a file as offline users do."""
     path = root / f"{backbone}_random_weights.bin"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.save(common.load_clip(backbone, "none").model.state_dict(), path)
+        common.save_atomic(common.load_clip(backbone, "none").model.state_dict(), path)
     return path
 
 
@@ -106,7 +106,7 @@ def subset_root(args, root):
         link = root / src.folder / entry.relative_to(source)
         if not link.exists():
             link.symlink_to(entry)
-    (root / src.folder / split_file.name).write_text(json.dumps(split))
+    common.write_atomic(root / src.folder / split_file.name, lambda tmp: tmp.write_text(json.dumps(split)))
     return str(root)
 
 
@@ -421,7 +421,7 @@ def cocoop_setting(args):
                       "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}))
 
 
-PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple"]
+PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple", "promptsrc"]
 
 
 def prompted_cost(args):
@@ -466,9 +466,13 @@ def prompted_setting(args):
     elif setting == "vpt":
         model = vpt.VPT(clip, names, 8, depth)  # VPT's config: 8 tokens in every layer
         loss_fn = lambda: vpt.vpt_loss(model, images, labels)
-    else:
+    elif setting == "maple":
         model = maple.MaPLe(clip, names, 2, min(9, depth))  # MaPLe's: 2 tokens, depth 9
         loss_fn = lambda: maple.maple_loss(model, images, labels)
+    else:
+        model = promptsrc.PromptSRC(clip, names, 4, min(9, depth))  # PromptSRC's: 4 tokens, depth 9
+        frozen = torch.randn(batch, clip.embed_dim, generator=gen).to(device)  # the cache's frozen features
+        loss_fn = lambda: promptsrc.promptsrc_loss(model, images, frozen, labels)
     opt = torch.optim.SGD(model.trainable(), lr=0.002, momentum=0.9)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before, _ = rss_mb()
@@ -499,6 +503,8 @@ GPU_CHECK_METHODS = {  # method -> its command's own flags (a random ViT-B/32 te
     "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_vpt": ("kdpl.py", ["--student", "vpt", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_maple": ("kdpl.py", ["--student", "maple", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "mopd": ("mopd.py", []), "demul": ("demul.py", ["--llm", "minilm", "--pretrain-names", "2000"]),
     "empl": ("empl.py", ["--vocab", "imagenet"])}
 
@@ -549,7 +555,18 @@ def gpu_check(args):
             if torch.cuda.is_available() and args.device != "cpu" else None, "rows": rows, "table": lines}
 
 
+def write_json(path, result):
+    common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+
 def main():
+    try:
+        measure()
+    except (common.UserError, data.DataError) as err:  # a full disk, a missing dataset: one message
+        sys.exit(f"error: {err}")
+
+
+def measure():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
     p.add_argument("--dataset", default="eurosat")
@@ -592,9 +609,7 @@ def main():
             args.images = 500
         result = prompted_cost(args) if args.prompted_cost else gpu_check(args)
         name = "prompted_cost" if args.prompted_cost else "gpu_check"
-        out = Path(args.output) / f"{name}_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"{name}_{args.backbone}_{args.device}.json", result)
         if args.prompted_cost:
             print(json.dumps(result, indent=1))
         return
@@ -602,17 +617,14 @@ def main():
         result = {"backbone": args.backbone, "device": args.device, "precision": args.precision,
                   "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                   "repeats": args.repeats, "settings": cocoop_cost(args)}
-        out = Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json", result)
         print(json.dumps(result, indent=1))
         return
     if args.memory or args.grid:
         root = Path(args.output) / "tmp" / str(time.time_ns())
         result = memory(args, root) if args.memory else grid(args, root)
         name = f"{'memory' if args.memory else 'grid'}_{args.backbone}_{args.dataset}.json"
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / name).write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / name, result)
         print(json.dumps(result, indent=1))
         return
     device = common.resolve_device(args.device)
@@ -624,9 +636,7 @@ def main():
               "versions": common.versions()}
     if args.empl_cost:
         result["empl_cost"] = empl_cost(args, ds, clip, device)
-        out = Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json", result)
         print(json.dumps(result["empl_cost"], indent=1))
         return
 
@@ -676,9 +686,7 @@ def main():
         result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json", result)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "versions"},
                      indent=1))
 

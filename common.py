@@ -29,12 +29,14 @@ What differs, and why:
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -765,24 +767,87 @@ class ViewImages:
         return images.to(self.device, non_blocking=True)
 
 
+@contextlib.contextmanager
 def locked(path):
-    """A lock file beside path: runs sharing a cache (seeds, a cluster sweep) merge into it one at a time."""
-    return FileLock(f"{path}.lock")
+    """A lock file beside path (its folder made if need be): runs sharing a cache (seeds, a cluster sweep)
+    merge into it one at a time."""
+    lock = FileLock(f"{path}.lock")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:  # a full or read-only filesystem, a file where a folder should be
+        raise UserError(cannot_write(Path(lock.lock_file), err)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def temporary_path(path):
+    """Where write_atomic writes path's new content before renaming it over path (one per process)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def write_atomic(path, write):
     """Every file the project writes goes through here: write(tmp) fills a temporary file beside path, which
-    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file. When
+    anything fails, the temporary file is removed and path keeps what it held; an OS error (no space left,
+    a quota, a read-only or vanished folder, no permission) becomes one UserError naming path and the cause."""
+    path, tmp = Path(path), temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # anything else (a bug, a Ctrl-C) goes on as it is; tmp is removed either way
+        raise UserError(f"{cannot_write(path, err)} (a previous {path.name}, if any, is unchanged)") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after a rename; on a failing filesystem, at least we tried
+            tmp.unlink(missing_ok=True)
+
+
+def cannot_write(path, err):
+    """The message for an OSError met while writing path: the path, the system's reason, what to do."""
+    reason = err.strerror or str(err)  # strerror: the reason without the name of a temporary file
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space there (or raise the quota), or write elsewhere"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "make the folder writable, or write elsewhere"
+    else:
+        advice = "check that filesystem, or write elsewhere"
+    return f"cannot write {path}: {reason}; {advice}"
 
 
 def save_atomic(obj, path):
     """torch.save(obj, path), atomically (write_atomic)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # through a Python file: a failed write then raises the OSError that says why (given a path,
+        # torch.save's C++ stream only says "basic_ios::clear: iostream error")
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, write)
+
+
+_reported = set()  # damaged cache files this process has reported (a reader and the writer after it both read)
+
+
+def read_cache(path, parse):
+    """parse(content) of a cache file the project wrote (torch.save), or None when there is none. A cache holds
+    what can be recomputed, so a file that cannot be read -- truncated by a full disk or a quota, damaged on a
+    network filesystem, of another structure -- is reported in one line and treated as absent: the caller
+    recomputes its content, which write_atomic then puts in its place (under the cache's lock)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return parse(torch.load(path, map_location="cpu"))
+    except Exception as err:  # torch.load's many ways to fail on a damaged file, and a wrong structure in parse
+        if path not in _reported:
+            _reported.add(path)
+            why = f"{type(err).__name__}: {err}".splitlines()[0].split(". ")[0][:100].rstrip(": ")  # its gist
+            print(f"warning: cache file {path} cannot be read ({why}); it will be recomputed and replaced",
+                  file=sys.stderr)
+        return None
 
 
 def file_stamp(path):
@@ -799,7 +864,8 @@ class FeatureCache:
     view is "test" (deterministic transform) or an int k (the k-th augmented view).
     An entry is served only while the image file keeps its stamp. Writers take a lock (filelock) and
     merge into what is on disk at that moment, so runs sharing the cache (several seeds, a cluster
-    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically."""
+    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically. A file
+    that cannot be read (cut short by a full disk, say) is reported and its features are computed again."""
     root: Path
     workers: int = 2
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
@@ -831,7 +897,6 @@ class FeatureCache:
         (a file replaced while it was being encoded is then encoded again by the next run)."""
         stamps = stamps or {it.rel: file_stamp(it.path) for it in items}
         path = self.path(clip, dataset, view)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with locked(path):
             stored = _read_features(path)  # what other processes added meanwhile
             stored.update({it.rel: (stamps[it.rel], f) for it, f in zip(items, feats.cpu())})
@@ -865,11 +930,13 @@ class FeatureCache:
 
 
 def _read_features(path):
-    """{rel: (stamp, feature)} of a cache file ({} if absent)."""
-    if not path.exists():
-        return {}
-    stored = torch.load(path, map_location="cpu")
-    return {rel: (tuple(stamp), f) for rel, stamp, f in zip(stored["rel"], stored["stamp"], stored["feats"])}
+    """{rel: (stamp, feature)} of a cache file ({} if absent or unreadable: read_cache)."""
+    def parse(stored):
+        rels, stamps, feats = stored["rel"], stored["stamp"], stored["feats"]
+        if not len(rels) == len(stamps) == len(feats):
+            raise ValueError(f"{len(rels)} images, {len(stamps)} stamps, {len(feats)} features")
+        return {rel: (tuple(stamp), f) for rel, stamp, f in zip(rels, stamps, feats)}
+    return read_cache(path, parse) or {}
 
 
 # ==================================================================================================
@@ -1105,13 +1172,16 @@ def claim_run_dir(args, method, seed):
 
 
 def check_writable(path, flag):
-    """The folder `path`, or the nearest existing folder above it, must be a writable folder."""
+    """The folder `path`, or the nearest existing folder above it, must be a writable folder with space left."""
     path = Path(path).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+    if shutil.disk_usage(existing).free == 0:  # cheap to see now, rather than when the first file is written
+        raise UserError(f"{flag} {path}: no space left on the filesystem of {existing}; free some space or "
+                        f"choose another {flag}")
 
 
 def _to_cpu(value):

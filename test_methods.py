@@ -4,6 +4,7 @@ from ../shared/data are used when present (skipped with a reason otherwise)."""
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
@@ -806,6 +807,14 @@ def mini_root(tmp_path_factory):
     return make_mini_eurosat(tmp_path_factory.mktemp("mini"))
 
 
+@pytest.fixture(scope="module")
+def finished_coop_run(mini_root, tmp_path_factory):
+    """A finished seeded 1-shot CoOp run: its results folder (runs/) and its feature cache (cache/)."""
+    base = tmp_path_factory.mktemp("finished")
+    run_method("coop", mini_root, base / "runs", base / "cache", "--shots", "1")
+    return base
+
+
 def fake_embed(self, names):
     """A deterministic stand-in for DeMul's LLM embedder h (no network, no model download)."""
     return torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(
@@ -870,6 +879,36 @@ def _fill_cache(clip, root, items, offset):
     cache = common.FeatureCache(root, workers=0)
     for i, item in enumerate(items):
         cache.put(clip, "fake", [item], "test", torch.full((1, clip.embed_dim), float(offset + i)))
+
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux) here")
+
+
+def disk_full_at(path):
+    """The next write of path fails as on a full disk, for real: its temporary file is a link to /dev/full
+    (whose writes fail with ENOSPC). No root needed."""
+    tmp = common.temporary_path(path)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.symlink_to("/dev/full")
+
+
+def rename_fails_at(monkeypatch, *paths):
+    """Renaming a finished temporary file over one of paths fails (a filesystem turned read-only)."""
+    replace, targets = os.replace, {str(p) for p in paths}
+
+    def failing(src, dst):
+        if str(dst) in targets:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+
+
+DAMAGES = {  # what a full disk, a quota or a flaky network filesystem leaves of a file
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:path.stat().st_size // 2]),
+    "empty": lambda path: path.write_bytes(b""),
+    "not a torch file": lambda path: path.write_bytes(b"\0" * 100),
+    "another structure": lambda path: torch.save({"something": "else"}, path),
+}
 
 
 def tiny_quickgelu_checkpoints(tmp_path):
@@ -1039,6 +1078,18 @@ class TestData:
         with pytest.raises(DataError):
             data.load_dataset("eurosat", str(tmp_path))
         assert not list((tmp_path / "eurosat").glob("*.json*"))  # nothing half-written left behind
+
+    @needs_dev_full
+    def test_a_split_file_downloaded_onto_a_full_disk_is_one_message_and_leaves_nothing(self, tmp_path, monkeypatch):
+        (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+        split = json.dumps({"train": [], "val": [], "test": []}).encode()
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(split))
+        target = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+        disk_full_at(target)
+        with pytest.raises(common.UserError) as error:
+            data.load_dataset("eurosat", str(tmp_path))
+        assert str(error.value).startswith(f"cannot write {target}: No space left on device; ")
+        assert [p.name for p in (tmp_path / "eurosat").iterdir()] == ["2750"]  # no partial split file
 
     def test_split_download_success_and_missing_image(self, tmp_path, monkeypatch):
         split = SHARED_DATA / "coop_splits" / "split_zhou_EuroSAT.json"
@@ -1535,6 +1586,97 @@ class TestFeatureCache:
         message = str(exit_.value.code)
         assert message.startswith("error: cannot read 1 image(s) of eurosat") and "Forest_8.jpg" in message
         assert "Traceback" not in message and len(message.splitlines()) == 1
+
+
+    @pytest.mark.parametrize("damage", list(DAMAGES))
+    def test_a_damaged_cache_file_is_named_recomputed_and_replaced(self, clip, tmp_path, damage, capsys):
+        items = fake_items(tmp_path)
+        cold = common.FeatureCache(tmp_path / "cache", workers=0).get(clip, "fake", items, "test")
+        path = common.FeatureCache(tmp_path / "cache").path(clip, "fake", "test")
+        DAMAGES[damage](path)
+        capsys.readouterr()
+        cache = common.FeatureCache(tmp_path / "cache", workers=0)
+        assert torch.equal(cache.get(clip, "fake", items, "test"), cold) and cache.computed == len(items)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"warning: cache file {path} cannot be read (") and "recomputed" in err, err
+        assert len(err.splitlines()) == 1  # once, although the file is read again under the lock
+        assert sorted(torch.load(path)["rel"]) == sorted(it.rel for it in items)  # replaced by a whole file
+        assert not list(tmp_path.rglob("*.tmp*"))
+        common.FeatureCache(tmp_path / "cache", workers=0).get(clip, "fake", items, "test")
+        assert capsys.readouterr().err == ""
+
+
+class TestFiles:
+    """Every file goes through common.write_atomic: a full disk, a quota or a read-only folder is one message
+    naming the file and the cause; no partial file is left and the previous version stays as it was."""
+
+    @needs_dev_full
+    @pytest.mark.parametrize("fault", ["full disk", "rename fails"])
+    @pytest.mark.parametrize("kind", ["torch.save", "text"])
+    def test_a_failed_write_is_one_message_and_leaves_the_previous_file(self, tmp_path, monkeypatch, fault, kind):
+        path = tmp_path / "file"
+        path.write_bytes(b"before")
+        disk_full_at(path) if fault == "full disk" else rename_fails_at(monkeypatch, path)
+        with pytest.raises(common.UserError) as error:
+            if kind == "torch.save":
+                common.save_atomic({"x": torch.zeros(10**5)}, path)
+            else:
+                common.write_atomic(path, lambda tmp: tmp.write_text("after"))
+        reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+        assert str(error.value).startswith(f"cannot write {path}: {reason}; ") and "\n" not in str(error.value)
+        assert path.read_bytes() == b"before" and list(tmp_path.iterdir()) == [path]
+
+    @needs_dev_full
+    def test_a_cache_folder_that_cannot_be_made_is_one_message(self, clip, tmp_path):
+        cache = common.FeatureCache(Path("/dev/full/cache"), workers=0)  # under a file, not a folder
+        with pytest.raises(common.UserError) as error:
+            cache.get(clip, "fake", fake_items(tmp_path, n=1), "test")
+        assert str(error.value).startswith("cannot write /dev/full/cache/") and "Not a directory" in str(error.value)
+
+    def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_partial_file(self, tmp_path):
+        def half_then_a_bug(tmp):
+            tmp.write_text("half")
+            raise TypeError("a bug")
+        with pytest.raises(TypeError, match="a bug"):
+            common.write_atomic(tmp_path / "file", half_then_a_bug)
+        assert list(tmp_path.iterdir()) == []
+
+    @needs_dev_full
+    @pytest.mark.parametrize("fault", ["full disk", "rename fails"])
+    @pytest.mark.parametrize("target", ["results.json", "prompt.pt", "cache"])
+    def test_a_disk_filling_up_mid_run_is_one_message_and_keeps_the_files_there(self, finished_coop_run, mini_root,
+                                                                                 tmp_path, monkeypatch, fault, target):
+        shutil.copytree(finished_coop_run, tmp_path, dirs_exist_ok=True)
+        if target == "cache":  # 2 shots: each training view's cache file gains an image per class
+            targets, extra = sorted((tmp_path / "cache").rglob("*.pt")), ["--shots", "2"]
+        else:  # the same run again, over its own results
+            targets, extra = sorted((tmp_path / "runs").rglob(target)), ["--shots", "1", "--overwrite"]
+        before = {path: path.read_bytes() for path in targets}
+        if fault == "full disk":
+            for path in targets:
+                disk_full_at(path)
+        else:
+            rename_fails_at(monkeypatch, *targets)
+        planted = set(tmp_path.rglob("*.tmp*"))
+        with pytest.raises(SystemExit) as exit_:
+            run_method("coop", mini_root, tmp_path / "runs", tmp_path / "cache", *extra)
+        message = str(exit_.value.code)
+        reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+        failed = next((path for path in targets if message.startswith(f"error: cannot write {path}: {reason}; ")),
+                      None)
+        assert failed and "\n" not in message, message
+        assert set(tmp_path.rglob("*.tmp*")) == planted - {common.temporary_path(failed)}  # no partial file
+        assert {path: path.read_bytes() for path in targets} == before  # what was there is intact
+
+    def test_an_output_folder_on_a_full_filesystem_is_refused_before_any_work(self, mini_root, tmp_path,
+                                                                               monkeypatch):
+        usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=0))
+        with pytest.raises(SystemExit) as exit_:
+            run_method("coop", mini_root, tmp_path / "runs", tmp_path / "cache")
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: --output {tmp_path / 'runs'}") and "no space left" in message, message
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 class TestEveryMethod:
@@ -2590,6 +2732,31 @@ class TestDeMul:
                                monkeypatch=monkeypatch)  # --combine left at its default, prob
         assert loaded["combine"] == "embed" and loaded["metrics"] == trained["metrics"]
 
+    def test_after_every_cache_file_was_cut_short_a_run_says_so_and_equals_a_cold_run(self, mini_root, tmp_path,
+                                                                                       monkeypatch, capsys):
+        """Image features, LLM embeddings and stage 1's maps: each file truncated, as a full disk leaves it."""
+        cold, cold_prompt = run_method("demul", mini_root, tmp_path / "a", tmp_path / "cache", monkeypatch=monkeypatch)
+        damaged = sorted((tmp_path / "cache").rglob("*.pt"))
+        assert {p.parent.name for p in damaged} >= {"eurosat", "llm", "demul"}
+        for path in damaged:
+            DAMAGES["truncated"](path)
+        capsys.readouterr()
+        again, prompt = run_method("demul", mini_root, tmp_path / "b", tmp_path / "cache", monkeypatch=monkeypatch)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: cache file")]
+        assert len(warnings) == len(damaged)  # one line per file, naming it
+        for path in damaged:
+            assert [w for w in warnings if w.startswith(f"warning: cache file {path} cannot be read (") and
+                    w.endswith("); it will be recomputed and replaced")], (path, warnings)
+        assert again["metrics"] == cold["metrics"] and not again["pretrain"]["reused"]
+        assert again["train"]["loss_per_epoch"] == cold["train"]["loss_per_epoch"]
+        assert again["final_loss_terms"] == cold["final_loss_terms"]
+        for key, value in cold_prompt.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, prompt[key]), key
+        for path in damaged:
+            torch.load(path)  # replaced by whole files
+        assert not list(tmp_path.rglob("*.tmp*"))
+
     def test_prompt_weights_and_l1_term_by_hand(self):
         raw = torch.tensor([[0.3, -0.4, 0.0], [1.0, 1.0, 2.0]])
         w = demul.prompt_weights(raw)
@@ -3160,6 +3327,42 @@ class TestSweeps:
         with pytest.raises(SystemExit) as exit_:
             sweep.main(["summarize", str(tmp_path)])
         assert str(exit_.value.code).startswith(f"error: no results.json under {tmp_path}")
+
+    @needs_dev_full
+    @pytest.mark.parametrize("target", ["summary.md", "curve"])
+    def test_a_summary_onto_a_full_disk_is_one_message_and_keeps_the_previous_one(self, tmp_path, target, capsys):
+        write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 50.0})
+        sweep.main(["summarize", str(tmp_path)])
+        path = tmp_path / "summary.md" if target == "summary.md" else next(tmp_path.glob("curve_*.png"))
+        before = path.read_bytes()
+        write_fake_result(tmp_path, "coop", "fewshot", 2, 1, {"accuracy": 60.0})  # a new summary to write
+        disk_full_at(path)
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["summarize", str(tmp_path)])
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: cannot write {path}: No space left on device; ") and "\n" not in message
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
+
+    def test_summarize_names_a_damaged_results_file_and_what_to_do(self, tmp_path):
+        write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 50.0})
+        path = next(tmp_path.rglob("results.json"))
+        path.write_text(path.read_text()[:40])  # cut short
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["summarize", str(tmp_path)])
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: cannot read {path}: ") and "Delete it" in message and "\n" not in message
+
+    @needs_dev_full
+    def test_a_run_log_that_cannot_be_written_stops_the_sweep_with_one_message(self, mini_root, tmp_path):
+        runs = tmp_path / "runs"
+        log = runs / "logs" / "coop" / "eurosat" / "fewshot" / "shots_1_seed_1.log"
+        log.parent.mkdir(parents=True)
+        log.symlink_to("/dev/full")  # appending to it fails as on a full disk
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["run", "--methods", "coop", "--shots", "1", "--seeds", "1", "--output", str(runs),
+                        *sweep_run_flags(mini_root, tmp_path / "cache")])
+        assert str(exit_.value.code).startswith(f"error: cannot write {log}: No space left on device; ")
+        assert not list(runs.rglob("results.json"))
 
     def test_an_interrupted_sweep_reruns_only_the_missing_runs(self, interrupted_sweep):
         runs, at_kill, out = interrupted_sweep
