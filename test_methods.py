@@ -399,6 +399,15 @@ def silent_cocoop(clip, names, ctx_init="a photo of a"):
     return model
 
 
+def planted_teacher(n_names, *labels):
+    """KDPL's planted teacher: a 96-d feature space (like tiny-wide's) whose n_names class text features are
+    orthonormal, and for each label of each list a teacher image feature near that class, so its zero-shot
+    answer is the label. Returns the text features and one feature tensor per label list."""
+    gen = torch.Generator().manual_seed(3)
+    text = torch.linalg.qr(torch.randn(96, n_names, generator=gen))[0].t()
+    return text, [text[y] + 0.3 * torch.randn(len(y), 96, generator=gen) / 96 ** 0.5 for y in labels]
+
+
 def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10, student="coop", batch_size=32):
     """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
     another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
@@ -412,10 +421,7 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
     test_x, test_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 50, seed=2)
-    gen = torch.Generator().manual_seed(3)
-    teacher_text = torch.linalg.qr(torch.randn(96, len(vocab), generator=gen))[0].t()
-    train_t = teacher_text[train_y] + 0.3 * torch.randn(len(train_y), 96, generator=gen) / 96 ** 0.5
-    test_t = teacher_text[test_y] + 0.3 * torch.randn(len(test_y), 96, generator=gen) / 96 ** 0.5
+    teacher_text, (train_t, test_t) = planted_teacher(len(vocab), train_y, test_y)
     teacher_acc = common.accuracy(common.cosine_logits(test_t, teacher_text[:10], clip.logit_scale), test_y)
     with torch.no_grad():
         before = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
@@ -431,6 +437,141 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
     with torch.no_grad():
         after = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
     return before, after, teacher_acc
+
+
+# The planted tasks of the prompted students: VPT, MaPLe, PromptSRC, and KDPL on each. CoOp's planted task makes
+# image features with the text tower; these students read images, through a tower whose prompts they learn. In a
+# random tiny ViT every image gives nearly the same class token (cosine ~0.98) and the images' own class structure
+# passes through whatever the prompts are: any prompts, or the text side alone, would separate the classes. So the
+# task is planted in the frozen piece that reads the tower out, the image projection: it reads what hidden true
+# prompts make of each class, and not what other prompts make of it.
+PLANTED_NAMES = EUROSAT_NAMES[:5]
+
+
+def planted_vit(seed=0):
+    """A frozen CLIP for planted tasks: open_clip's ViT with 3 layers of width 64 on 64-px images in 16-px patches
+    (16 patches: a prompted step costs milliseconds) and tiny's text tower, random weights (seeded). Its image
+    projection (64 x 64, width = embed_dim) is set by plant_image_projection."""
+    with common.global_rng(seed, "planted vit"):
+        model = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=64, head_width=32,
+                               patch_size=16), text_cfg=common.TINY_CONFIGS["tiny"]["text_cfg"])
+    return common.Clip(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-16"), backbone="planted-vit")
+
+
+def class_images(per_class, seed):
+    """per_class images of each of the 5 classes, labels in turn: class c's random template image (the same for
+    every seed) + noise (seeded)."""
+    templates = torch.randn(len(PLANTED_NAMES), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(len(PLANTED_NAMES)).repeat(per_class)
+    noise = torch.randn(len(labels), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return templates[labels] + 0.1 * noise, labels
+
+
+def visual_and_text(model):
+    """A prompted student's answer: its visual prompts (one (n, width) tensor per layer) and class text features."""
+    with torch.no_grad():
+        if isinstance(model, vpt.VPT):
+            return [p.clone() for p in model.prompts], model.text
+        if isinstance(model, maple.MaPLe):
+            return model.visual_prompts(), model.text_features()  # V_i = F_i(P_i)
+        return [p.clone() for p in model.visual], model.text_features()
+
+
+def drawn_answer(model, seed):
+    """The answer of the student with its prompts drawn N(0, 1) instead (MaPLe's couplings kept); the student is
+    left as it was."""
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" not in name:  # MaPLe's couplings F_i: proj, deep_proj
+                p.copy_(torch.randn(p.shape, generator=gen))
+    answer = visual_and_text(model)
+    model.load_state_dict(start)
+    return answer
+
+
+def plant_image_projection(clip, images, labels, true, start, others):
+    """Set the frozen image projection (features = h @ proj, h the class token after ln_post) so that the hidden
+    true answer classifies the images and no answer does without learning. true, start: (visual prompts, class
+    text features); others: visual prompts drawn like the true ones.
+      1. Not read: the C - 1 directions in which the class means of h differ most under the other prompts (what
+         any prompts make of the images' own classes), then the C - 1 of the start's (so the start is at chance).
+      2. Read by least squares: h(x; true prompts) as the true text feature of x's class; and the start's mean h,
+         weighted as all images together, as a feature at one same cosine to each of the start's class text
+         features (the start leans to no class: learning begins on level ground, at the loss log C)."""
+    n, proj = len(true[1]), clip.model.visual.proj
+    h = lambda prompts: common.encode_image(clip, images, prompts)
+
+    def class_offsets(feats):  # the class means of h, less their mean
+        means = torch.stack([feats[labels == c].mean(0) for c in range(n)])
+        return means - means.mean(0)
+
+    def drop(keep, offsets):  # keep less the n - 1 directions of largest offset left in it
+        top = torch.linalg.svd((offsets @ keep).t(), full_matrices=False)[0][:, :n - 1]
+        return keep - top @ top.t()
+    with torch.no_grad():
+        proj.copy_(torch.eye(len(proj)))  # h itself
+        keep = drop(torch.eye(len(proj)), torch.cat([class_offsets(h(prompts)) for prompts in others]))
+        h_start = h(start[0])
+        keep = drop(keep, class_offsets(h_start))
+        level = torch.linalg.pinv(F.normalize(start[1], dim=-1)) @ torch.ones(n)  # the same cosine to every class
+        level = level / level.norm() * start[1].norm(dim=-1).mean()                # as long as a text feature
+        w = len(images) ** 0.5  # one row weighs as much as all images together
+        x = torch.cat([h(true[0]), w * h_start.mean(0, keepdim=True)]) @ keep
+        y = torch.cat([true[1][labels], w * level[None]])
+        readout = torch.linalg.solve(x.t() @ x + 1e-4 * len(x) * torch.eye(len(proj)), x.t() @ y)  # ridge
+        proj.copy_(keep @ readout)
+
+
+class PlantedPrompted:
+    """A prompted student (vpt, maple or promptsrc; 2 layers of prompts) at its start on a planted tower: 5
+    classes, 8 training and 20 test images each. The hidden true answer is the student's own kind of prompts,
+    drawn N(0, 1) (VPT: visual prompts; MaPLe: text prompts, coupled into the image tower by the student's
+    couplings; PromptSRC: text and visual prompts), with its class text features. start: the student's answer at
+    its start. Test accuracies: true (the hidden answer), random (3 answers drawn like it), before (the student at
+    its start)."""
+
+    def __init__(self, method, seed=0):
+        self.clip, names = planted_vit(seed), PLANTED_NAMES
+        self.model = {"vpt": lambda: vpt.VPT(self.clip, names, n_ctx=4, depth=2),
+                      "maple": lambda: maple.MaPLe(self.clip, names, n_ctx=2, depth=2),
+                      "promptsrc": lambda: promptsrc.PromptSRC(self.clip, names, n_ctx=4, depth=2)}[method]()
+        self.start = visual_and_text(self.model)
+        true, *others = [drawn_answer(self.model, 100 * seed + i) for i in range(12)]
+        plant_image_projection(self.clip, *class_images(20, seed=1), true, self.start, [p for p, _ in others[:8]])
+        self.train_x, self.train_y = class_images(8, seed=2)
+        self.test_x, self.test_y = class_images(20, seed=3)
+        self.true, self.random = self.accuracy(*true), [self.accuracy(*answer) for answer in others[8:]]
+        self.before = self.student_accuracy()
+
+    def accuracy(self, visual_prompts, text, labels=None):
+        """Test accuracy of an answer (on the test labels, or on `labels`)."""
+        with torch.no_grad():
+            feats = common.encode_image(self.clip, self.test_x, visual_prompts)
+            logits = common.cosine_logits(feats, text, self.clip.logit_scale)
+        return common.accuracy(logits, self.test_y if labels is None else labels)
+
+    def student_accuracy(self, labels=None):
+        """Test accuracy of the student, through its own classifier."""
+        with torch.no_grad():
+            logits = self.model.classifier(PLANTED_NAMES)(self.test_x)
+        return common.accuracy(logits, self.test_y if labels is None else labels)
+
+    def fit(self, loss, *data, epochs=30, lr=0.001, epoch_end=None):
+        """Train the student's parameters on loss(*rows of data): common.fit, CoOp's recipe, batch 8."""
+        common.fit(self.model.trainable(), loss, lambda epoch: data, n=len(data[0]), epochs=epochs, batch_size=8,
+                   lr=lr, epoch_end=epoch_end)
+
+
+@pytest.fixture
+def one_thread():
+    """The planted prompted tasks on one CPU thread: their tensors are tiny, and on a loaded 2-core machine two
+    threads waiting on each other made one run 50 times slower (125 s against 2.4 s). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fake_experiment(tmp_path, clip, names, labels, epochs=3):
@@ -1955,6 +2096,46 @@ class TestPromptedTowers:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
         assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
 
+    def test_vpt_learns_its_planted_prompts_from_chance(self, one_thread):
+        """The planted tower (PlantedPrompted): hidden visual prompts classify its images, the start and random
+        prompts are at chance; VPT, trained on the labels, climbs to where the hidden prompts are."""
+        task = PlantedPrompted("vpt")
+        assert task.true >= 90 and task.before <= 30 and max(task.random) <= 30, (task.true, task.before, task.random)
+        task.fit(lambda x, y: vpt.vpt_loss(task.model, x, y), task.train_x, task.train_y)
+        assert task.student_accuracy() >= 90, task.student_accuracy()
+
+    def test_vpt_with_its_prompts_cut_from_the_graph_stays_at_chance(self, one_thread):
+        """The same task with a broken gradient path: what the test above would see if VPT's prompts never
+        moved."""
+        task = PlantedPrompted("vpt")
+        model, scale = task.model, task.clip.logit_scale
+
+        def cut(x, y):  # VPT's logits with the prompts detached: a broken gradient path
+            feats = common.encode_image(task.clip, x, list(model.prompts.detach()))
+            return F.cross_entropy(common.cosine_logits(feats, model.text, scale), y) + 0 * model.prompts.sum()
+        task.fit(cut, task.train_x, task.train_y)
+        assert task.student_accuracy() <= 30, task.student_accuracy()
+
+    def test_maple_learns_its_planted_prompts_and_needs_its_visual_side(self, one_thread):
+        """The hidden answer: other text prompts and their coupling into the image tower. MaPLe climbs from chance
+        to it; its learned text side alone (with the start's visual prompts) stays at chance."""
+        task = PlantedPrompted("maple")
+        assert task.true >= 80 and task.before <= 30 and max(task.random) <= 30, (task.true, task.before, task.random)
+        task.fit(lambda x, y: maple.maple_loss(task.model, x, y), task.train_x, task.train_y)
+        after, text_alone = task.student_accuracy(), task.accuracy(task.start[0], visual_and_text(task.model)[1])
+        assert after >= max(90, task.true) and text_alone <= 30, (after, task.true, text_alone)
+
+    def test_maple_with_its_visual_prompts_cut_from_the_graph_stays_at_chance(self, one_thread):
+        """Only the text side learns (the couplings' outputs detached): it cannot leave chance."""
+        task = PlantedPrompted("maple")
+        model, scale = task.model, task.clip.logit_scale
+
+        def cut(x, y):
+            feats = common.encode_image(task.clip, x, [v.detach() for v in model.visual_prompts()])
+            return F.cross_entropy(common.cosine_logits(feats, model.text_features(), scale), y)
+        task.fit(cut, task.train_x, task.train_y)
+        assert task.student_accuracy() <= 30, task.student_accuracy()
+
     def test_the_prompted_tower_sees_the_crop_the_cache_encoded(self, clip, tmp_path):
         """View k of a training image: the pixels a prompted tower gets are the ones a cached frozen tower's
         feature of view k was computed from (what a KDPL teacher or PromptSRC's frozen CLIP reads)."""
@@ -2057,6 +2238,24 @@ class TestPromptSRC:
         train = len(result["train_images"])
         assert result["times"]["images_encoded"] == train * result["train"]["epochs"] and train > 4
         assert result["train"]["steps_per_epoch"] > 1 and result["official_config"] == "base2new"
+
+    def test_promptsrc_learns_its_planted_prompts_from_labels(self, one_thread):
+        """The planted tower (PlantedPrompted) with PromptSRC's whole loss: the cross-entropy, and the three
+        self-regulating terms (official weights) towards the frozen CLIP, here the planted tower without prompts,
+        at chance: they pull back. The frozen features of the crops come from that tower; the evaluated prompts
+        are GPA's aggregate (the base-to-new config's shape: mean at 3/4 of the epochs, std 1)."""
+        task = PlantedPrompted("promptsrc")
+        model = task.model
+        with torch.no_grad():
+            frozen = task.clip.model.encode_image(task.train_x)
+            zero_shot = common.cosine_logits(task.clip.model.encode_image(task.test_x), model.frozen_text,
+                                             task.clip.logit_scale)
+        assert task.true >= 90 and task.before <= 30 and common.accuracy(zero_shot, task.test_y) <= 30
+        gpa = promptsrc.GaussianPromptAggregation(model, mean=30, std=1, epochs=40)
+        task.fit(lambda x, f, y: promptsrc.promptsrc_loss(model, x, f, y), task.train_x, frozen, task.train_y,
+                 epochs=40, epoch_end=gpa)
+        gpa.load()
+        assert task.student_accuracy() >= 85, (task.true, task.student_accuracy())
 
     def test_official_configs(self):
         a, b, c = (promptsrc.parse_args(x) for x in ([], ["--protocol", "fewshot"], ["--dataset", "imagenet",
@@ -2166,6 +2365,32 @@ class TestKDPL:
         assert (c.epochs, c.batch_size) == (3, 4)
         assert [kdpl.method_name(x) for x in (a, b, kdpl.parse_args(["--student", "cocoop", "--class-agnostic"]))] \
             == ["kdpl", "kdpl_cocoop", "kdpl_ca_cocoop"]
+
+    @pytest.mark.parametrize("teacher", ["right", "deranged"])
+    @pytest.mark.parametrize("student", ["vpt", "maple", "promptsrc"])
+    def test_kdpl_on_a_prompted_student_learns_its_planted_task_from_the_teacher_alone(self, student, teacher,
+                                                                                     one_thread):
+        """A prompted student on its planted tower (PlantedPrompted, at chance), trained on kdpl.py's loss with no
+        labels: only the soft labels of planted_teacher, whose zero-shot answer is right, or deranged (class
+        c + 1 for the images of class c). The student learns what the teacher says: the labels, or the
+        derangement. PromptSRC keeps its self-regulating terms (the frozen features of the crops) and GPA."""
+        task, n = PlantedPrompted(student), len(PLANTED_NAMES)
+        says = (lambda y: y) if teacher == "right" else (lambda y: (y + 1) % n)
+        teacher_text, (train_t, test_t) = planted_teacher(n, says(task.train_y), says(task.test_y))
+        assert common.accuracy(common.cosine_logits(test_t, teacher_text, task.clip.logit_scale), says(task.test_y)) \
+            == 100 and task.before <= 30, task.before
+        model = task.model
+        if student == "promptsrc":  # as kdpl.train does for it
+            with torch.no_grad():
+                frozen = task.clip.model.encode_image(task.train_x)
+            gpa = promptsrc.GaussianPromptAggregation(model, mean=30, std=1, epochs=40)
+            loss = lambda x, f, t: kdpl.kdpl_promptsrc_loss(model, teacher_text, x, f, t, n, "symmetric", 25.0, 10.0)
+            task.fit(loss, task.train_x, frozen, train_t, epochs=40, epoch_end=gpa)
+            gpa.load()
+        else:
+            task.fit(lambda x, t: kdpl.kdpl_loss(model, teacher_text, x, t, k=n), task.train_x, train_t)
+        follows, labels = task.student_accuracy(says(task.test_y)), task.student_accuracy()
+        assert follows >= 90 and (teacher == "right" or labels <= 5), (follows, labels)
 
     def test_kdpl_on_cocoop_climbs_to_the_teacher_without_labels(self, clip):
         before, after, teacher_acc = train_planted_kdpl(clip, student="cocoop", epochs=25, batch_size=8)
