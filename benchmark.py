@@ -12,6 +12,10 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
   * with --empl-total, only CoOp + EMPL end to end through their command lines, CoOp first (see empl_total);
   * with --cocoop-cost, only CoCoOp's training step, evaluation and peak memory against CoOp's, for EuroSAT's
     10 classes and ImageNet's 1,000 (see cocoop_cost);
+  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe, PromptSRC) against the frozen
+    tower's own forward and backward and against CoOp's step with the image pass (see prompted_cost);
+  * with --gpu-check, every method once for real on --device (bf16 and fp16; see gpu_check): the prepared GPU
+    check, which runs on the CPU too (--device cpu --backbone tiny);
   * with --memory, only memory: the peak resident memory of a cold and a warm coop.py run loading the
     backbone from a weights file, and of each phase of such a run (see memory);
   * with --grid, only the image-tower work of a small paper grid: passes made against the official code's,
@@ -22,11 +26,14 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-cost --repeats 2
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-total --empl-total-views 1 --repeats 2
     python benchmark.py --backbone ViT-B-16 --cocoop-cost --repeats 2
+    python benchmark.py --backbone ViT-B-32 --prompted-cost --repeats 3
+    python benchmark.py --gpu-check --data-root ../shared/data          # on a CUDA machine: ViT-B/16, < 8 min on an H100
     python benchmark.py --backbone ViT-B-32 --data-root ../shared/data --memory --images 1000
     python benchmark.py --backbone tiny --data-root ../shared/data --grid
 """
 import argparse
 import json
+import math
 import platform
 import os
 import resource
@@ -44,6 +51,9 @@ import common
 import coop
 import data
 import empl
+import maple
+import promptsrc
+import vpt
 
 
 def padded_to_77(x):
@@ -75,14 +85,14 @@ def random_weights_file(backbone, root):
     """A checkpoint file of random weights, so that runs load from a file as offline users do."""
     path = root / f"{backbone}_random_weights.bin"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.save(common.load_clip(backbone, "none").model.state_dict(), path)
+        common.save_atomic(common.load_clip(backbone, "none").model.state_dict(), path)
     return path
 
 
 def subset_root(args, root):
-    """A data root whose split file keeps the first --images test images of --dataset (images linked, not
-    copied): memory does not grow with the number of test images, the run time does."""
+    """A data root whose split file keeps --images test images of --dataset, spread evenly over the split (which
+    lists them class by class), images linked, not copied: memory does not grow with the number of test images,
+    the run time does."""
     src = data.DATASETS[data.canonical_name(args.dataset)]
     if not args.images:
         return args.data_root
@@ -90,7 +100,7 @@ def subset_root(args, root):
         raise SystemExit(f"--images {args.images}: {args.dataset} has no split file to cut; pass --images 0 (all)")
     split_file = Path(data._split_file(data.canonical_name(args.dataset), os.path.abspath(args.data_root), False))
     split = json.loads(split_file.read_text())
-    split["test"] = split["test"][:args.images]
+    split["test"] = split["test"][::max(1, len(split["test"]) // args.images)][:args.images]
     (root / src.folder).mkdir(parents=True, exist_ok=True)
     source = Path(args.data_root).resolve() / src.folder
     # the image folder, or every entry of the dataset's folder where the images lie in it (images="")
@@ -98,7 +108,7 @@ def subset_root(args, root):
         link = root / src.folder / entry.relative_to(source)
         if not link.exists():
             link.symlink_to(entry)
-    (root / src.folder / split_file.name).write_text(json.dumps(split))
+    common.write_atomic(root / src.folder / split_file.name, lambda tmp: tmp.write_text(json.dumps(split)))
     return str(root)
 
 
@@ -456,7 +466,152 @@ def cocoop_setting(args):
                       "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}))
 
 
+PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple", "promptsrc"]
+
+
+def prompted_cost(args):
+    """A training step of the prompted-tower students (VPT: 8 tokens in every layer; MaPLe: 2 tokens, depth 9;
+    their official settings), batch 4 (theirs), 10 classes, random images and weights (speed and memory do not
+    depend on the values), each in a fresh process so that its peak resident memory is its own, against:
+    tower_forward_backward, the frozen image tower's forward with VPT's prompts plus its backward to them (what
+    no prompted student can go below), and coop_with_image_pass, CoOp's step plus the image tower's forward
+    without gradients (what the official CoOp code pays every step). Times are the worst of --repeats;
+    clip_grad_mb (always 0) is the memory held by gradients of CLIP's own weights."""
+    rows = []
+    for setting in PROMPTED_SETTINGS:
+        cmd = [sys.executable, __file__, "--prompted-setting", setting, "--backbone", args.backbone, "--device",
+               args.device, "--precision", args.precision, "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                    {"setting": setting, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def prompted_setting(args):
+    """One setting of prompted_cost, in this fresh process: prints one JSON line."""
+    setting, batch, classes = args.prompted_setting, 4, 10
+    device = common.resolve_device(args.device)
+    clip = common.load_clip(args.backbone, "none", device, common.resolve_precision(args.precision, device))
+    names = list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES)[:classes]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, clip.image_size, clip.image_size, generator=gen).to(device)
+    labels = torch.randint(classes, (batch,), generator=gen).to(device)
+    depth = len(clip.model.visual.transformer.resblocks)
+    if setting == "coop_with_image_pass":
+        model = coop.CoOp(clip, names, n_ctx=None, ctx_init="a photo of a")
+
+        def loss_fn():
+            with torch.no_grad():
+                feats = clip.model.encode_image(images)  # the frozen tower, no gradient
+            return coop.coop_loss(model, feats, labels)
+    elif setting == "tower_forward_backward":
+        model = vpt.VPT(clip, names, 8, depth)
+        loss_fn = lambda: common.encode_image(clip, images, list(model.prompts)).float().sum()
+    elif setting == "vpt":
+        model = vpt.VPT(clip, names, 8, depth)  # VPT's config: 8 tokens in every layer
+        loss_fn = lambda: vpt.vpt_loss(model, images, labels)
+    elif setting == "maple":
+        model = maple.MaPLe(clip, names, 2, min(9, depth))  # MaPLe's: 2 tokens, depth 9
+        loss_fn = lambda: maple.maple_loss(model, images, labels)
+    else:
+        model = promptsrc.PromptSRC(clip, names, 4, min(9, depth))  # PromptSRC's: 4 tokens, depth 9
+        frozen = torch.randn(batch, clip.embed_dim, generator=gen).to(device)  # the cache's frozen features
+        loss_fn = lambda: promptsrc.promptsrc_loss(model, images, frozen, labels)
+    opt = torch.optim.SGD(model.trainable(), lr=0.002, momentum=0.9)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    before, _ = rss_mb()
+    reset_peak()
+    times = []
+    for _ in range(args.repeats + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        with common.autocast(device, clip.precision):
+            loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    _, peak = rss_mb()
+    clip_grads = sum(p.grad.numel() * p.grad.element_size() for p in clip.model.parameters() if p.grad is not None)
+    print(json.dumps({"setting": setting, "backbone": args.backbone, "batch": batch, "classes": classes,
+                      "step_s": max(times[1:]), "step_s_per_image": max(times[1:]) / batch,
+                      "rss_before_mb": before, "step_peak_mb": peak, "step_extra_mb": peak - before,
+                      "clip_grad_mb": clip_grads / 2**20, "trainable": sum(p.numel() for p in model.trainable())}))
+
+
+GPU_CHECK_METHODS = {  # method -> its command's own flags (a random ViT-B/32 teacher, the offline LLM embedder)
+    "zsclip": ("coop.py", ["--zero-shot"]), "coop": ("coop.py", []), "cocoop": ("cocoop.py", []),
+    "vpt": ("vpt.py", []), "maple": ("maple.py", []),
+    "kdpl": ("kdpl.py", ["--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "kdpl_vpt": ("kdpl.py", ["--student", "vpt", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "kdpl_maple": ("kdpl.py", ["--student", "maple", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "mopd": ("mopd.py", []), "demul": ("demul.py", ["--llm", "minilm", "--pretrain-names", "2000"]),
+    "empl": ("empl.py", ["--vocab", "imagenet"])}
+
+
+def gpu_check(args):
+    """The prepared GPU check: every method's command line once for real on --device, under bf16 and fp16
+    autocast, --backbone with random weights (default ViT-B/16), --gpu-check-epochs epochs on 4-shot EuroSAT
+    base-to-new with --images test images; its seconds per step, evaluation seconds and whether it trained
+    (finite losses) in one table. Accuracy is meaningless (random weights). On the CPU: --device cpu
+    --backbone tiny (the tests run it so)."""
+    root = Path(args.output) / "tmp" / str(time.time_ns())
+    data_root = subset_root(args, root / "data")
+    rows = []
+    for precision in args.gpu_check_precisions:
+        for method in args.gpu_check_methods:
+            script, flags = GPU_CHECK_METHODS[method]
+            if args.backbone in common.TINY_CONFIGS:  # tiny towers have 2 layers; the teacher a tiny one too
+                flags = [f.replace("ViT-B-32", "tiny-wide") for f in flags] + (
+                    ["--depth", "2"] if method in ("vpt", "maple", "kdpl_vpt", "kdpl_maple") else [])
+            out = root / "runs" / precision
+            cmd = [sys.executable, script, "--dataset", args.dataset, "--shots", "4", "--protocol", "base2new",
+                   "--epochs", str(args.gpu_check_epochs), "--backbone", args.backbone, "--pretrained", "none",
+                   "--data-root", data_root, "--no-download", "--cache-dir", str(root / "cache"), "--output", str(out),
+                   "--device", args.device, "--precision", precision, "--workers", str(args.workers), *flags]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+            row = {"method": method, "precision": precision, "wall_s": round(time.perf_counter() - start, 1)}
+            name = "zsclip" if method == "zsclip" else method
+            found = sorted((out / name).rglob("results.json")) if (out / name).exists() else []
+            if proc.returncode != 0 or not found:
+                row["error"] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
+            else:
+                res = json.loads(found[0].read_text())
+                train = res.get("train", {})
+                steps = train.get("steps_per_epoch")
+                row.update(step_s=round(res["times"]["training_s"] / (steps * train["epochs"]), 4) if steps else None,
+                           evaluation_s=round(res["times"]["evaluation_s"], 2),
+                           trained=all(math.isfinite(x) for x in train.get("loss_per_epoch", [0.0])),
+                           skipped_steps=train.get("skipped_steps"))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    header = f"{'method':<12} {'precision':<9} {'s/step':>8} {'eval s':>8} {'wall s':>8}  result"
+    lines = [header] + [f"{r['method']:<12} {r['precision']:<9} {str(r.get('step_s') or '-'):>8} "
+                        f"{str(r.get('evaluation_s', '-')):>8} {r['wall_s']:>8}  "
+                        f"{r.get('error') or ('ok' if r.get('trained') else 'loss not finite')}" for r in rows]
+    print("\n".join(lines))
+    return {"device": args.device, "backbone": args.backbone, "gpu": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() and args.device != "cpu" else None, "rows": rows, "table": lines}
+
+
+def write_json(path, result):
+    common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+
 def main():
+    try:
+        measure()
+    except (common.UserError, data.DataError) as err:  # a full disk, a missing dataset: one message
+        sys.exit(f"error: {err}")
+
+
+def measure():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
     p.add_argument("--dataset", default="eurosat")
@@ -477,6 +632,12 @@ def main():
     p.add_argument("--cocoop-cost", action="store_true", help="only CoCoOp's step, evaluation and memory against CoOp's")
     p.add_argument("--cocoop-test-images", type=int, default=8, help="test images of --cocoop-cost's evaluation")
     p.add_argument("--cocoop-setting", nargs=4, help=argparse.SUPPRESS)  # cocoop_cost's fresh interpreter
+    p.add_argument("--prompted-cost", action="store_true", help="only the prompted students' training step")
+    p.add_argument("--prompted-setting", choices=PROMPTED_SETTINGS, help=argparse.SUPPRESS)  # prompted_cost's
+    p.add_argument("--gpu-check", action="store_true", help="every method once for real on --device (default cuda)")
+    p.add_argument("--gpu-check-methods", nargs="+", default=list(GPU_CHECK_METHODS), choices=list(GPU_CHECK_METHODS))
+    p.add_argument("--gpu-check-precisions", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--gpu-check-epochs", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="only memory: cold and warm coop.py runs and their phases "
                                                          "(--images N keeps N test images; 0 = all)")
     p.add_argument("--memory-phases", action="store_true", help=argparse.SUPPRESS)  # memory()'s fresh interpreter
@@ -487,21 +648,31 @@ def main():
         return memory_phases(args)
     if args.cocoop_setting:
         return cocoop_setting(args)
+    if args.prompted_setting:
+        return prompted_setting(args)
+    if args.prompted_cost or args.gpu_check:
+        if args.gpu_check and args.device == "auto":
+            args.device = "cuda"
+        if args.gpu_check and args.images == 256:  # the default of the images/s figure: the check keeps 500
+            args.images = 500
+        result = prompted_cost(args) if args.prompted_cost else gpu_check(args)
+        name = "prompted_cost" if args.prompted_cost else "gpu_check"
+        write_json(Path(args.output) / f"{name}_{args.backbone}_{args.device}.json", result)
+        if args.prompted_cost:
+            print(json.dumps(result, indent=1))
+        return
     if args.cocoop_cost:
         result = {"backbone": args.backbone, "device": args.device, "precision": args.precision,
                   "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                   "repeats": args.repeats, "settings": cocoop_cost(args)}
-        out = Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json", result)
         print(json.dumps(result, indent=1))
         return
     if args.memory or args.grid:
         root = Path(args.output) / "tmp" / str(time.time_ns())
         result = memory(args, root) if args.memory else grid(args, root)
         name = f"{'memory' if args.memory else 'grid'}_{args.backbone}_{args.dataset}.json"
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / name).write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / name, result)
         print(json.dumps(result, indent=1))
         return
     device = common.resolve_device(args.device)
@@ -520,9 +691,7 @@ def main():
         return
     if args.empl_cost:
         result["empl_cost"] = empl_cost(args, ds, clip, device)
-        out = Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json", result)
         print(json.dumps(result["empl_cost"], indent=1))
         return
 
@@ -572,9 +741,7 @@ def main():
         result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json", result)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "versions"},
                      indent=1))
 

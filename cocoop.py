@@ -108,6 +108,14 @@ def cocoop_loss(model, image_feats, labels):
     return F.cross_entropy(model.logits(image_feats), labels)  # L = CE(p(y|x), y)
 
 
+IMAGE_INPUT = "features"  # what logits() takes: cached image features (kdpl.py)
+
+
+def add_student_flags(p):
+    """The flags of KDPL's CoCoOp student (kdpl.py --student cocoop): its context's init words."""
+    p.add_argument("--ctx-init", help="words initialising the student's context (M = their token count)")
+
+
 def kdpl_student(clip, names, args, seed):
     """The student KDPL trains (kdpl.py --student cocoop): CoCoOp over the training names."""
     return CoCoOp(clip, names, n_ctx=None, ctx_init=args.ctx_init, seed=seed)

@@ -29,12 +29,14 @@ What differs, and why:
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -114,16 +116,19 @@ def eot_positions(tokens):
     return tokens.argmax(dim=-1)
 
 
-def encode_text(clip, x, eot):
+def encode_text(clip, x, eot, deep=()):
     """Text features (N, D) of token embeddings x (N, L, width): CoOp's TextEncoder.forward,
     https://github.com/KaiyangZhou/CoOp/blob/ff61507c790454bce7c5052c3ac39e60772f1f89/trainers/coop.py#L46-L57
 
     Because the mask is causal and the output is read at the EOT token, every position after the longest
     EOT is dead weight: callers pass sequences cut to max(eot) + 1 (the tests prove that the result equals
-    the full 77-token encoding)."""
+    the full 77-token encoding). deep: deep text prompts (MaPLe, IVLP), see run_text_blocks."""
     text, L = clip.text, x.shape[1]
     x = x + text.positional_embedding[:L].to(x.dtype)
-    x = text.transformer(x, attn_mask=text.attn_mask[:L, :L])  # CLIP's causal mask, cut to the length
+    if len(deep):
+        x = run_text_blocks(clip, x, deep=deep)
+    else:  # open_clip's own transformer call (its gradient checkpointing included)
+        x = text.transformer(x, attn_mask=text.attn_mask[:L, :L])  # CLIP's causal mask, cut to the length
     x = text.ln_final(x)
     x = x[torch.arange(len(x), device=x.device), eot]  # the feature at the EOT token
     return project_text(clip, x)
@@ -148,14 +153,27 @@ def encode_hidden(clip, h, eot, layer):
     return project_text(clip, x[torch.arange(len(x), device=x.device), eot])
 
 
-def run_text_blocks(clip, x, start=0, stop=None):
-    """Causal transformer blocks [start, stop) on hidden states x (N, L, width)."""
+def run_text_blocks(clip, x, start=0, stop=None, deep=()):
+    """Causal transformer blocks [start, stop) on hidden states x (N, L, width). deep: deep text prompts, one
+    (n, width) tensor per block 1 .. len(deep): at the input of block i, deep[i - 1] REPLACES the n positions
+    after SOS (where the learned context sits); beyond block len(deep) those tokens flow on (IVLP/MaPLe's
+    ResidualAttentionBlock, text branch)."""
     text, L = clip.text, x.shape[1]
-    if not text.transformer.batch_first:
-        x = x.transpose(0, 1)
-    for block in text.transformer.resblocks[start:stop]:
-        x = block(x, attn_mask=text.attn_mask[:L, :L])
-    return x if text.transformer.batch_first else x.transpose(0, 1)
+    for i, block in enumerate(text.transformer.resblocks):
+        if not (start <= i < (len(text.transformer.resblocks) if stop is None else stop)):
+            continue
+        if 0 < i <= len(deep):
+            x = torch.cat([x[:, :1], deep[i - 1].to(x.dtype).expand(len(x), -1, -1), x[:, 1 + len(deep[i - 1]):]], 1)
+        x = run_block(text.transformer, block, x, text.attn_mask[:L, :L])
+    return x
+
+
+def run_block(transformer, block, x, attn_mask=None):
+    """One residual attention block of a batch-first open_clip transformer on x (N, L, width), with open_clip's
+    gradient checkpointing when the transformer has it on (recompute in the backward pass, same numbers)."""
+    if transformer.grad_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
 
 
 @torch.no_grad()
@@ -178,6 +196,20 @@ def words_to_embeddings(clip, words):
         return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
 
 
+def context_from_words(clip, ctx_init, n_ctx, gen):
+    """(ctx (n, d), frozen words) of IVLP / MaPLe / PromptSRC's text context: the first n tokens of the template
+    ctx_init start the context and its other words stay as frozen tokens after it ("a photo of a" with n = 2:
+    "a photo" learned, "of a" frozen); no template, or n beyond it: N(0, 0.02^2) from gen and no frozen words."""
+    words = ctx_init.split()
+    if not ctx_init or n_ctx > len(words):
+        return torch.randn(n_ctx, clip.ctx_dim, generator=gen) * 0.02, ""
+    init = words_to_embeddings(clip, ctx_init)
+    if len(init) != len(words):
+        raise ValueError(f'"{ctx_init}": one token per word is needed to split it into learned and frozen words '
+                         f'({len(init)} tokens for {len(words)} words)')
+    return init[:n_ctx], " ".join(words[n_ctx:])
+
+
 class ClassPrompts:
     """CoOp's prompt layout for a list of class names, at the token-embedding level:
         end:    [SOS] [ctx_1 .. ctx_M] [CLASS] . [EOT]
@@ -188,12 +220,14 @@ class ClassPrompts:
     after the selection's longest EOT). The learnable context is passed in, so the method file owns
     its parameters; a method builds one ClassPrompts per class list (training classes, each test set)."""
 
-    def __init__(self, clip, classnames, n_ctx, position="end"):
-        if position not in ("end", "middle", "front"):
-            raise ValueError(f"class token position must be end, middle or front, not {position!r}")
+    def __init__(self, clip, classnames, n_ctx, position="end", words=""):
+        """words: frozen words between the context and the class name (MaPLe learns 2 tokens of "a photo of a",
+        and "of a" stays: [SOS] [ctx_1] [ctx_2] of a [CLASS] . [EOT])."""
+        if position not in ("end", "middle", "front") or (words and position != "end"):
+            raise ValueError(f"class token position must be end, middle or front (end with words), not {position!r}")
         self.clip, self.n_ctx, self.position = clip, n_ctx, position
         names = [name.replace("_", " ") for name in classnames]
-        tokens = tokenize(clip, [" ".join(["X"] * n_ctx + [f"{name}."]) for name in names])
+        tokens = tokenize(clip, [" ".join(["X"] * n_ctx + ([words] if words else []) + [f"{name}."]) for name in names])
         eot = eot_positions(tokens)
         self.tokens, self.eot = tokens[:, :int(eot.max()) + 1], eot
         if position != "end":  # BPE tokens of each class name (CoOp's name_lens)
@@ -244,6 +278,35 @@ class ClassPrompts:
         B, R = len(ctx), len(emb)
         prefix, suffix = emb[:, :1].expand(B, -1, -1, -1), emb[:, 1 + self.n_ctx:].expand(B, -1, -1, -1)
         return torch.cat([prefix, ctx.to(emb.dtype)[:, None].expand(-1, R, -1, -1), suffix], dim=2)
+
+
+def encode_image(clip, images, prompts=()):
+    """Image features (B, D) of images (B, 3, H, W) through CLIP's ViT with deep visual prompts (VPT-deep, MaPLe,
+    IVLP): prompts[0] (n, width) is appended after the patch tokens, after the positional embedding and before
+    ln_pre (so it gets no positional embedding and ln_pre normalises it too); at the input of block i, for
+    0 < i < len(prompts), prompts[i] REPLACES those n positions (not added); beyond, they flow on. The class
+    token is pooled (ln_post, proj) and the prompts dropped. With no prompts this is open_clip's encode_image.
+    https://github.com/muzairkhattak/multimodal-prompt-learning/blob/69bce21ae8eda80ad6187534b2dce09cf6c59e17/clip/model.py#L393-L422
+    https://github.com/muzairkhattak/multimodal-prompt-learning/blob/69bce21ae8eda80ad6187534b2dce09cf6c59e17/clip/model.py#L234-L241"""
+    visual = clip.model.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None \
+            or visual.final_ln_after_pool or visual.pool_type != "tok":
+        raise ValueError("deep visual prompts need a ViT image tower that pools its class token (CLIP's ViTs)")
+    x = visual.conv1(images)                                              # the patch embeddings, (B, W, g, g)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)            # (B, g*g, W)
+    cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)                                           # identity in eval mode
+    n = len(prompts[0]) if len(prompts) else 0
+    if n:
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(len(x), -1, -1)], dim=1)  # [CLS, patches, prompts]
+    x = visual.ln_pre(x)
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 0 < i < len(prompts):  # this block's own prompts replace the previous block's outputs there
+            x = torch.cat([x[:, :x.shape[1] - n], prompts[i].to(x.dtype).expand(len(x), -1, -1)], dim=1)
+        x = run_block(visual.transformer, block, x)
+    x = visual.ln_post(x)
+    return x[:, 0] @ visual.proj                                           # the class token
 
 
 def cosine_logits(image_feats, text_feats, logit_scale):
@@ -380,13 +443,14 @@ def train_step(opt, scaler, loss):
 
 
 def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="fp32", seed=1,
-        device="cpu", desc="train", no_decay=()):
+        device="cpu", desc="train", no_decay=(), epoch_end=None):
     """Train `params` (the method's learnable tensors only) with CoOp's recipe.
 
     epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
     that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
-    optimiser actually used in each epoch."""
+    loss_fn(*rows) returns the scalar loss; epoch_end(epoch), if given, runs after each epoch's last step
+    (PromptSRC's prompt aggregation). Returns per-epoch statistics, with the learning rate the optimiser
+    actually used in each epoch."""
     device = torch.device(device)
     opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
     steps = steps_per_epoch(n, batch_size)
@@ -411,6 +475,8 @@ def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precisi
                                 f"or a smaller --lr")
         losses.append(mean_loss)
         lrs.append(opt.param_groups[0]["lr"])
+        if epoch_end is not None:
+            epoch_end(epoch)
         bar.set_postfix(loss=f"{mean_loss:.4f}")
     # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
     collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
@@ -514,6 +580,8 @@ def load_clip(backbone, pretrained, device="cpu", precision="fp32", quick_gelu=F
         weights = pretrained
     model.eval().requires_grad_(False).to(device)
     text = getattr(model, "text", model)
+    if not getattr(text.transformer, "batch_first", False):  # open_clip < 2.26.1 runs its blocks sequence-first
+        raise UserError(f"open_clip {open_clip.__version__} is too old: pip install 'open_clip_torch>=2.26.1'")
     if getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) != "argmax":
         raise UserError(f"{backbone} pools its text features differently from CLIP (not at the EOT token); "
                         f"prompt learning here needs a CLIP-style text tower.")
@@ -675,24 +743,111 @@ def _collate(batch):
     return (None if errors else torch.stack([image for image, _ in batch])), errors
 
 
+def check_read(errors, what):
+    """One message for the images of a batch that could not be read (ImageFiles' error strings)."""
+    if errors:
+        raise data.DataError(f"cannot read {len(errors)} {what}, e.g. {errors[0]}. Replace the file(s) (re-download "
+                             f"the dataset) or fix --data-root.")
+
+
+class ViewImages:
+    """The training images in augmented view `view`, decoded when a step asks for them: view_images[rows] ->
+    (B, 3, H, W) on device. A prompted image tower sees the very crop a frozen tower's cached feature of view k
+    was computed from (view_seed), so a student and its teacher always look at the same pixels."""
+
+    def __init__(self, items, size, view, device):
+        self.files, self.device = ImageFiles(items, size, view), device
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, rows):
+        images, errors = _collate([self.files[int(i)] for i in rows])
+        check_read(errors, "training image(s)")
+        return images.to(self.device, non_blocking=True)
+
+
+@contextlib.contextmanager
 def locked(path):
-    """A lock file beside path: runs sharing a cache (seeds, a cluster sweep) merge into it one at a time."""
-    return FileLock(f"{path}.lock")
+    """A lock file beside path (its folder made if need be): runs sharing a cache (seeds, a cluster sweep)
+    merge into it one at a time."""
+    lock = FileLock(f"{path}.lock")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:  # a full or read-only filesystem, a file where a folder should be
+        raise UserError(cannot_write(Path(lock.lock_file), err)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def temporary_path(path):
+    """Where write_atomic writes path's new content before renaming it over path (one per process)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def write_atomic(path, write):
     """Every file the project writes goes through here: write(tmp) fills a temporary file beside path, which
-    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file. When
+    anything fails, the temporary file is removed and path keeps what it held; an OS error (no space left,
+    a quota, a read-only or vanished folder, no permission) becomes one UserError naming path and the cause."""
+    path, tmp = Path(path), temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # anything else (a bug, a Ctrl-C) goes on as it is; tmp is removed either way
+        raise UserError(f"{cannot_write(path, err)} (a previous {path.name}, if any, is unchanged)") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after a rename; on a failing filesystem, at least we tried
+            tmp.unlink(missing_ok=True)
+
+
+def cannot_write(path, err):
+    """The message for an OSError met while writing path: the path, the system's reason, what to do."""
+    reason = err.strerror or str(err)  # strerror: the reason without the name of a temporary file
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space there (or raise the quota), or write elsewhere"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "make the folder writable, or write elsewhere"
+    else:
+        advice = "check that filesystem, or write elsewhere"
+    return f"cannot write {path}: {reason}; {advice}"
 
 
 def save_atomic(obj, path):
     """torch.save(obj, path), atomically (write_atomic)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # through a Python file: a failed write then raises the OSError that says why (given a path,
+        # torch.save's C++ stream only says "basic_ios::clear: iostream error")
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, write)
+
+
+_reported = set()  # damaged cache files this process has reported (a reader and the writer after it both read)
+
+
+def read_cache(path, parse):
+    """parse(content) of a cache file the project wrote (torch.save), or None when there is none. A cache holds
+    what can be recomputed, so a file that cannot be read -- truncated by a full disk or a quota, damaged on a
+    network filesystem, of another structure -- is reported in one line and treated as absent: the caller
+    recomputes its content, which write_atomic then puts in its place (under the cache's lock)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return parse(torch.load(path, map_location="cpu"))
+    except Exception as err:  # torch.load's many ways to fail on a damaged file, and a wrong structure in parse
+        if path not in _reported:
+            _reported.add(path)
+            why = f"{type(err).__name__}: {err}".splitlines()[0].split(". ")[0][:100].rstrip(": ")  # its gist
+            print(f"warning: cache file {path} cannot be read ({why}); it will be recomputed and replaced",
+                  file=sys.stderr)
+        return None
 
 
 def file_stamp(path):
@@ -709,7 +864,8 @@ class FeatureCache:
     view is "test" (deterministic transform) or an int k (the k-th augmented view).
     An entry is served only while the image file keeps its stamp. Writers take a lock (filelock) and
     merge into what is on disk at that moment, so runs sharing the cache (several seeds, a cluster
-    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically."""
+    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically. A file
+    that cannot be read (cut short by a full disk, say) is reported and its features are computed again."""
     root: Path
     workers: int = 2
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
@@ -741,7 +897,6 @@ class FeatureCache:
         (a file replaced while it was being encoded is then encoded again by the next run)."""
         stamps = stamps or {it.rel: file_stamp(it.path) for it in items}
         path = self.path(clip, dataset, view)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with locked(path):
             stored = _read_features(path)  # what other processes added meanwhile
             stored.update({it.rel: (stamps[it.rel], f) for it, f in zip(items, feats.cpu())})
@@ -764,9 +919,7 @@ class FeatureCache:
         feats = []
         desc = f"{clip.backbone} features ({'test' if view == 'test' else f'train view {view}'})"
         for images, errors in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 3):
-            if errors:
-                raise data.DataError(f"cannot read {len(errors)} image(s) of {dataset}, e.g. {errors[0]}. "
-                                     f"Replace the file(s) (re-download the dataset) or fix --data-root.")
+            check_read(errors, f"image(s) of {dataset}")
             with autocast(clip.device, clip.precision):
                 # stored as computed (fp32, or bf16/fp16 under autocast): a cached feature is the computed one
                 feats.append(clip.model.encode_image(images.to(clip.device, non_blocking=True)))
@@ -777,11 +930,13 @@ class FeatureCache:
 
 
 def _read_features(path):
-    """{rel: (stamp, feature)} of a cache file ({} if absent)."""
-    if not path.exists():
-        return {}
-    stored = torch.load(path, map_location="cpu")
-    return {rel: (tuple(stamp), f) for rel, stamp, f in zip(stored["rel"], stored["stamp"], stored["feats"])}
+    """{rel: (stamp, feature)} of a cache file ({} if absent or unreadable: read_cache)."""
+    def parse(stored):
+        rels, stamps, feats = stored["rel"], stored["stamp"], stored["feats"]
+        if not len(rels) == len(stamps) == len(feats):
+            raise ValueError(f"{len(rels)} images, {len(stamps)} stamps, {len(feats)} features")
+        return {rel: (tuple(stamp), f) for rel, stamp, f in zip(rels, stamps, feats)}
+    return read_cache(path, parse) or {}
 
 
 # ==================================================================================================
@@ -818,7 +973,13 @@ class Experiment:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return self.cache.get(clip or self.clip, self.dataset.name, self.train, view)
 
-    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc=""):
+    def train_images(self, epoch):
+        """The training images in the view used at `epoch` (the same view as train_features), decoded per step:
+        the input of a prompted image tower, which no cache can serve."""
+        view = epoch % self.n_views if self.n_views > 0 else epoch
+        return ViewImages(self.train, self.clip.image_size, view, self.clip.device)
+
+    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc="", epoch_end=None):
         """common.fit with this run's settings (--epochs, --batch-size, --lr, precision, seed, device) over
         its training set; epoch_data defaults to (that epoch's view features, labels). The training time
         is recorded net of the features computed on the way (augmented views are image-tower work)."""
@@ -826,7 +987,7 @@ class Experiment:
         start, feature_s = time.perf_counter(), self.cache.seconds
         stats = fit(params, loss_fn, epoch_data, n=len(self.train), epochs=self.args.epochs,
                     batch_size=self.args.batch_size, lr=self.args.lr, precision=self.clip.precision, seed=self.seed,
-                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay)
+                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay, epoch_end=epoch_end)
         self.times["training_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
         return stats
 
@@ -837,22 +998,40 @@ class Experiment:
         return read_prompt(path, "--load-prompt", self.clip, [method], "evaluate it with that method's file") \
             if path else None
 
+    def test_image_batches(self, ev):
+        """The test images of an evaluation set in batches (100 on CUDA, as Dassl's test loader; 32 on the CPU),
+        decoded by --workers loader processes, on the device."""
+        batch_size = 100 if self.clip.device.type == "cuda" else 32
+        loader = torch.utils.data.DataLoader(ImageFiles(ev.items, self.clip.image_size, "test"), batch_size=batch_size,
+                                             num_workers=self.cache.workers, collate_fn=_collate,
+                                             pin_memory=self.clip.device.type == "cuda", generator=torch.Generator())
+        for images, errors in loader:
+            check_read(errors, f"image(s) of {ev.dataset}")
+            yield images.to(self.clip.device, non_blocking=True)
+
     def eval_features(self, ev, clip=None):
         """Test features of an evaluation set (encoded on first use, so a run checks everything cheap --
         files, keys, flags -- before the image tower runs)."""
         return self.cache.get(clip or self.clip, ev.dataset, ev.items, "test")
 
-    def evaluate(self, predict, clip=None, time_as="evaluation_s"):
+    def evaluate(self, predict, clip=None, time_as="evaluation_s", images=False):
         """predict(classnames, image_feats) -> fp32 logits, on the test features of `clip` (default: this run's
-        CLIP; KDPL's teacher passes its own). Returns accuracies: "accuracy" (few-shot) or "base", "new" and
-        "H" (base-to-new), plus one per --eval-on dataset, under its name. The time goes to times[time_as]."""
+        CLIP; KDPL's teacher passes its own). With images=True (a prompted image tower, which no cache can serve):
+        predict(classnames) -> classify, applied to batches of test images, classify(images) -> fp32 logits (the
+        text side is built once per class list). Returns accuracies: "accuracy" (few-shot) or "base", "new"
+        and "H" (base-to-new), plus one per --eval-on dataset, under its name. The time goes to times[time_as]."""
         clip = clip or self.clip
         start, feature_s = time.perf_counter(), self.cache.seconds
         metrics = {}
         for name, ev in self.evals.items():
-            feats = self.eval_features(ev, clip)
+            feats = None if images else self.eval_features(ev, clip)  # from the cache, or encoded once into it
             with torch.no_grad(), autocast(clip.device, clip.precision):
-                metrics[name if name != "all" else "accuracy"] = accuracy(predict(ev.classnames, feats), ev.labels)
+                if images:
+                    classify = predict(ev.classnames)
+                    logits = torch.cat([classify(x) for x in self.test_image_batches(ev)])
+                else:
+                    logits = predict(ev.classnames, feats)
+            metrics[name if name != "all" else "accuracy"] = accuracy(logits, ev.labels)
         if "base" in metrics:
             metrics["H"] = harmonic_mean(metrics["base"], metrics["new"])
         self.times[time_as] = time.perf_counter() - start - (self.cache.seconds - feature_s)
@@ -993,13 +1172,16 @@ def claim_run_dir(args, method, seed):
 
 
 def check_writable(path, flag):
-    """The folder `path`, or the nearest existing folder above it, must be a writable folder."""
+    """The folder `path`, or the nearest existing folder above it, must be a writable folder with space left."""
     path = Path(path).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+    if shutil.disk_usage(existing).free == 0:  # cheap to see now, rather than when the first file is written
+        raise UserError(f"{flag} {path}: no space left on the filesystem of {existing}; free some space or "
+                        f"choose another {flag}")
 
 
 def _to_cpu(value):
@@ -1012,11 +1194,20 @@ def _to_cpu(value):
 
 def save_prompt(out, exp, method, ctx, position="end", csc=False, **fields):
     """prompt.pt, one format for every method: the learned context ctx (shared (M, d), class-specific
-    (C, M, d), or one per prompt), the method's other learned tensors, and what they belong to (method,
-    classes, backbone, weights, activation), on the CPU so that it loads anywhere (--load-prompt)."""
-    save_atomic(_to_cpu({"method": method, "ctx": ctx, "n_ctx": ctx.shape[-2], "position": position, "csc": csc,
+    (C, M, d), or one per prompt; None for a method without one, VPT), the method's other learned tensors, and
+    what they belong to (method, classes, backbone, weights, activation), on the CPU so that it loads anywhere
+    (--load-prompt)."""
+    n_ctx = None if ctx is None else ctx.shape[-2]
+    save_atomic(_to_cpu({"method": method, "ctx": ctx, "n_ctx": n_ctx, "position": position, "csc": csc,
                          **fields, "classnames": exp.classnames, "backbone": exp.clip.backbone,
                          "weights": exp.clip.weights, "activation": exp.clip.activation}), out / "prompt.pt")
+
+
+def require_prompted_vit(clip, method):
+    """A prompted image tower needs a ViT (a ResNet has no tokens to prompt): one message before any work."""
+    if not isinstance(clip.model.visual, open_clip.transformer.VisionTransformer):
+        raise UserError(f"{method} puts learned tokens inside the image tower's transformer layers: it needs a ViT "
+                        f"backbone (e.g. ViT-B-16, ViT-B-32), not {clip.backbone}")
 
 
 def read_prompt(path, flag, clip, methods, advice):

@@ -105,6 +105,14 @@ def coop_loss(model, image_feats, labels):
     return F.cross_entropy(model.logits(image_feats), labels)  # L = CE(p(y|x), y)
 
 
+IMAGE_INPUT = "features"  # what logits() takes: cached image features (kdpl.py)
+
+
+def add_student_flags(p):
+    """The flags of KDPL's CoOp student (kdpl.py --student coop): its context's init words."""
+    p.add_argument("--ctx-init", help="words initialising the student's shared context (M = their token count)")
+
+
 def kdpl_student(clip, names, args, seed):
     """The student KDPL trains (kdpl.py --student coop): a shared context from words, class token at the end."""
     return CoOp(clip, names, n_ctx=None, ctx_init=args.ctx_init)

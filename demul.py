@@ -220,9 +220,12 @@ class LLMEmbedder:
         return F.normalize(torch.stack([stored[n] for n in names]).float(), dim=-1)
 
     def _read(self):
-        """{name: fp16 embedding} on disk."""
-        stored = torch.load(self.path) if self.path.exists() else {"names": [], "vecs": []}
-        return dict(zip(stored["names"], stored["vecs"]))
+        """{name: fp16 embedding} on disk ({} if absent or unreadable: the names are embedded again)."""
+        def parse(stored):
+            if len(stored["names"]) != len(stored["vecs"]):
+                raise ValueError(f"{len(stored['names'])} names, {len(stored['vecs'])} embeddings")
+            return dict(zip(stored["names"], stored["vecs"]))
+        return common.read_cache(self.path, parse) or {}
 
     def _merge(self, new):
         """Add new embeddings to the file, merged under a lock with what other runs added meanwhile."""
@@ -276,11 +279,15 @@ def load_or_pretrain(clip, llm, names, args):
                names=hashlib.sha256("\n".join(names).encode()).hexdigest(), hidden=args.mlp_hidden,
                epochs=args.pretrain_epochs, lr=args.pretrain_lr)
     path = Path(args.cache_dir) / "demul" / f"maps_{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pt"
-    if path.exists():
-        state = torch.load(path, map_location=clip.device)
+
+    def parse(state):
         phi, psi = (mlp(*state[k + "_shape"]).to(clip.device) for k in ("phi", "psi"))
         phi.load_state_dict(state["phi"]), psi.load_state_dict(state["psi"])
         return phi, psi, dict(state["info"], reused=True)
+
+    stored = common.read_cache(path, parse)  # None: absent or unreadable, stage 1 runs (seeded: the same maps)
+    if stored is not None:
+        return stored
     start = time.perf_counter()
     v = llm(names).to(clip.device)  # first: a missing key or package stops the run before any encoding
     u = F.normalize(common.encode_texts(clip, [NAME_TEMPLATE.format(n) for n in names]), dim=-1)

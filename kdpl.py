@@ -5,7 +5,7 @@ Any prompt learner on a small CLIP (the student) is trained WITHOUT LABELS: a la
 classifies each training image zero-shot, and the student matches its distribution. KDPL replaces the
 student's cross-entropy by this distillation and keeps everything else of the student (prompts, recipe).
     l_T = s * cos(f_T(x), g_T("template(class)"))      teacher logits, with the STUDENT's logit scale s
-    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp: t_i(x))
+    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe: theirs)
     K   = top-K classes of mean_b softmax(l_T)            per batch
     L   = 1/2 KL(p_T || p_S) + 1/2 KL(p_S || p_T)        p = softmax over the K selected classes
 The paper's equations were not readable to us: the loss and the selection follow the official code, pinned:
@@ -18,11 +18,18 @@ https://github.com/miccunifi/KDPL/blob/76da8da2bad8a5c0842dfc25f901f1d69ad2aabd/
 Students (--student, each a method file of its own that this file imports):
   * coop (default): 4 context tokens from "a photo of a", class token at the end, shared context; ViT-B/32,
     50 epochs, batch 32 (src/configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml);
-  * cocoop: CoOp's context + the Meta-Net; ViT-B/32, 10 epochs, batch 1 (CoCoOp_KDPL/vit_b32_c4_ep10_batch1_ctxv1.yaml).
-What a student file offers, and all KDPL uses of it: KDPL_CONFIG (its official KDPL settings: backbone, epochs,
-batch size, lr, ctx_init), kdpl_student(clip, names, args, seed) -> its prompt module, whose logits(image
-features, classnames=None, rows=None) are the student's logits (rows: the K selected training names) and whose
-trainable() lists what trains; the module's state_dict is what prompt.pt keeps.
+  * cocoop: CoOp's context + the Meta-Net; ViT-B/32, 10 epochs, batch 1 (CoCoOp_KDPL/vit_b32_c4_ep10_batch1_ctxv1.yaml);
+  * vpt: deep visual prompts, 8 tokens in 12 layers; ViT-B/32, 5 epochs, batch 4, lr 0.0025 (VPT_KDPL/...);
+  * maple: coupled prompts, 2 tokens, depth 9; ViT-B/32, 5 epochs, batch 4, lr 0.0035 (MaPLe_KDPL/...);
+  * promptsrc: IVLP prompts, 4 + 4 tokens, depth 9 (3 with --eval-on), 20 epochs, batch 4, lr 0.0025, ViT-B/32
+    (PromptSRC_KDPL/...): the labels go, PromptSRC's self-regulating terms and prompt aggregation STAY
+    (promptsrc_kdpl.py#L143-L201), see kdpl_promptsrc_loss and train.
+What a student file offers, and all KDPL uses of it: KDPL_CONFIG (its official KDPL settings), add_student_flags(p)
+(its own hyper-parameters), IMAGE_INPUT ("features": cached image features; "images": a prompted image tower,
+which sees the same crop as the teacher), kdpl_student(clip, names, args, seed) -> its prompt module, whose
+logits(input, classnames=None, rows=None) are the student's logits (rows: the K selected training names), whose
+trainable() lists what trains and, for "images", whose classifier(classnames) evaluates; the module's state_dict
+is what prompt.pt keeps.
 Faithful: teacher = open_clip ViT-H-14-quickgelu / dfn5b, zero-shot with CoOp's dataset template (or "a photo
 of a {}." in class-agnostic mode), text features computed once; K = number of classes, or K_max = 1000 names of
 a dictionary (KDPL-CA, the paper's §3.3); SGD, warm-up + cosine, 16 shots, seeds 1-3 (scripts below).
@@ -56,8 +63,11 @@ import cocoop
 import common
 import coop
 import data
+import maple
+import promptsrc
+import vpt
 
-STUDENTS = {"coop": coop, "cocoop": cocoop}  # --student: the method file of each (its interface: docstring)
+STUDENTS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple, "promptsrc": promptsrc}  # --student: the method file of each (its interface: docstring)
 # --kl: weights (alpha, beta) of L_F = KL(p_T || p_S) and L_R = KL(p_S || p_T); symmetric is KDPL's (0.5 / 0.5
 # hard-coded officially), forward and reverse are the divergences the paper's ablation compares it with
 KL_WEIGHTS = {"symmetric": (0.5, 0.5), "forward": (1.0, 0.0), "reverse": (0.0, 1.0)}
@@ -88,8 +98,6 @@ def parse_args(argv=None):
                    help="teacher weights: open_clip tag, checkpoint file, or none")
     p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16", "fp16"],  # as the official teacher
                    help="autocast of the teacher's image and text encoding (the official teacher runs in fp32)")
-    p.add_argument("--ctx-init", help="words initialising the student's context (M = their token count); default: "
-                                      "the student's CTX_INIT, \"a photo of a\" (*_ctxv1.yaml, N_CTX 4)")
     p.add_argument("--class-agnostic", action="store_true",
                    help="KDPL-CA: use no training class names; the teacher picks names from --dictionary")
     p.add_argument("--dictionary", help="names for --class-agnostic: KDPL's CSV (ClassName column) or one name "
@@ -102,11 +110,14 @@ def parse_args(argv=None):
                         f"{TEACHER_EVAL_MAX_IMAGES:,} images (not for domain generalisation); results.json records "
                         f"whether it ran and why not")
     student = STUDENTS[p.parse_known_args(argv)[0].student]
-    p.set_defaults(**student.KDPL_CONFIG)  # the student's official KDPL config; flags given override it
+    student.add_student_flags(p)           # the student's own hyper-parameters (--ctx-init, --n-ctx, --depth ...)
+    p.set_defaults(**student.KDPL_CONFIG)  # its official KDPL config; flags given override it
     args = p.parse_args(argv)
     if args.protocol is None:  # the official scripts: base-to-new, or all ImageNet classes for --eval-on
         args.protocol = "fewshot" if args.eval_on else "base2new"
-    if not args.ctx_init.strip():
+    if args.student == "promptsrc":  # its depth, GPA and epochs: the official config of the protocol (KDPL's too)
+        promptsrc.fill_official(args)
+    if not getattr(args, "ctx_init", "-").strip():
         p.error("--ctx-init must hold at least one word (KDPL initialises the context from words)")
     if args.epochs < 1 or args.k_max < 1:
         p.error("--epochs and --k-max must be at least 1")
@@ -142,25 +153,54 @@ def symmetric_kl(student_logits, teacher_logits, alpha=0.5, beta=0.5):
     return alpha * forward + beta * reverse
 
 
-def kdpl_loss(student, teacher_text, student_feats, teacher_feats, k, kl="symmetric"):
-    """One batch, no labels: teacher logits with the STUDENT's logit scale (kdpl_utils.py#L104, #L124), the
-    K classes they select, the student's logits over those K prompts only, and the symmetric KL."""
-    scale = student.clip.logit_scale
+def teacher_targets(scale, teacher_text, teacher_feats, k):
+    """Teacher logits with the STUDENT's logit scale (kdpl_utils.py#L104, #L124) and the K classes they select."""
     with torch.no_grad(), torch.autocast(teacher_feats.device.type, enabled=False):
         teacher_logits = common.cosine_logits(teacher_feats.float(), teacher_text.float(), scale)
-        rows = select_classes(teacher_logits, k)  # coop_kdpl.py#L111
-    student_logits = student.logits(student_feats, rows=rows)  # #L113: the K selected prompts only
+        return teacher_logits, select_classes(teacher_logits, k)  # coop_kdpl.py#L111
+
+
+def kdpl_loss(student, teacher_text, student_input, teacher_feats, k, kl="symmetric"):
+    """One batch, no labels: the teacher's logits and the K classes they select, the student's logits over those K
+    prompts only, and the symmetric KL. student_input: what the student's logits take (cached image features,
+    or the images of a prompted image tower)."""
+    teacher_logits, rows = teacher_targets(student.clip.logit_scale, teacher_text, teacher_feats, k)
+    student_logits = student.logits(student_input, rows=rows)  # #L113: the K selected prompts only
     return symmetric_kl(student_logits, teacher_logits[:, rows], *KL_WEIGHTS[kl])  # #L114-L123
+
+
+def kdpl_promptsrc_loss(student, teacher_text, images, frozen_image, teacher_feats, k, kl, text_weight, image_weight):
+    """KDPL on PromptSRC (promptsrc_kdpl.py#L143-L173): the symmetric KL takes the cross-entropy's place, and
+    PromptSRC's self-regulating terms STAY, towards the student's own frozen CLIP (not the teacher)."""
+    teacher_logits, rows = teacher_targets(student.clip.logit_scale, teacher_text, teacher_feats, k)
+    student_logits, terms = promptsrc.self_regulating_terms(student, images, frozen_image, text_weight, image_weight,
+                                                            rows)
+    return symmetric_kl(student_logits, teacher_logits[:, rows], *KL_WEIGHTS[kl]) + sum(terms.values())
 
 
 # --------------------------------------------------------------------------------------------------
 # Run plumbing: the training loop's data, the teacher's own accuracy, the run, results
 # --------------------------------------------------------------------------------------------------
-def train(exp, student, teacher, teacher_text, k, kl):
-    """CoOp's loop over the training set; each row is (student view feature, teacher feature of the SAME view).
-    Labels never enter: exp.labels is not read anywhere in training."""
-    def epoch_data(epoch):  # the same cached crops, encoded once per tower
-        return exp.train_features(epoch), exp.train_features(epoch, clip=teacher)
+def train(exp, student, teacher, teacher_text, k, kl, images=False):
+    """CoOp's loop over the training set; each row is (the student's input, teacher feature of the SAME view):
+    the student's cached feature, or, for a prompted image tower (images=True), the image itself in that view,
+    the very crop the teacher's feature was computed from. Labels never enter: exp.labels is not read here.
+    A PromptSRC student keeps its own regularisation: its self-regulating terms (with the frozen CLIP's cached
+    feature of the same crop) and its Gaussian prompt aggregation over the epochs."""
+    if isinstance(student, promptsrc.PromptSRC):
+        args = exp.args
+        gpa = promptsrc.GaussianPromptAggregation(student, args.gpa_mean, args.gpa_std, args.epochs)
+        epoch_data = lambda epoch: (exp.train_images(epoch), exp.train_features(epoch),
+                                    exp.train_features(epoch, clip=teacher))
+        stats = exp.fit(student.trainable(), lambda x, frozen, t: kdpl_promptsrc_loss(
+            student, teacher_text, x, frozen, t, k, kl, args.text_loss_weight, args.image_loss_weight), epoch_data,
+            desc="KDPL", epoch_end=gpa)
+        gpa.load()  # the evaluated prompts: PromptSRC's Gaussian-weighted aggregate
+        return dict(stats, gpa_weights=gpa.weights)
+
+    def epoch_data(epoch):  # the same crops; a frozen tower encodes each once, into the cache
+        student_input = exp.train_images(epoch) if images else exp.train_features(epoch)
+        return student_input, exp.train_features(epoch, clip=teacher)
     return exp.fit(student.trainable(), lambda s, t: kdpl_loss(student, teacher_text, s, t, k, kl), epoch_data,
                    desc="KDPL")
 
@@ -207,6 +247,9 @@ def run(args, seed):
                                    f"--k-max {len(names)} or a larger --dictionary")
     exp = common.prepare(args, seed)
     module = STUDENTS[args.student]
+    images = module.IMAGE_INPUT == "images"  # the student's logits take images (a prompted image tower)
+    if images:
+        common.require_prompted_vit(exp.clip, args.student)
     saved = exp.load_prompt(prompt_name(args))
     if saved:  # evaluate the saved student: no teacher needed
         student, teacher = module.kdpl_student(exp.clip, exp.classnames, args, seed), None
@@ -220,8 +263,11 @@ def run(args, seed):
         teacher_text = teacher_text_features(teacher, names, template)
         student = module.kdpl_student(exp.clip, names, args, seed)
         exp.times["text_setup_s"] = time.perf_counter() - start
-        extra = {"train": train(exp, student, teacher, teacher_text, k, args.kl), "k": k}
-    metrics = exp.evaluate(lambda classnames, feats: student.logits(feats, classnames))
+        extra = {"train": train(exp, student, teacher, teacher_text, k, args.kl, images), "k": k}
+    if images:  # a prompted image tower classifies test images, one class list's text side at a time
+        metrics = exp.evaluate(student.classifier, images=True)
+    else:
+        metrics = exp.evaluate(lambda classnames, feats: student.logits(feats, classnames))
     if "new" in metrics:
         metrics["base_to_unseen"] = metrics["new"]  # the paper's name for new-class accuracy
     if teacher is not None:
@@ -234,14 +280,15 @@ def run(args, seed):
                             "train_template": template, "eval_template": exp.dataset.template,
                             "zero_shot": teacher_metrics,
                             "zero_shot_eval": {"ran": ran, "mode": args.teacher_eval, "note": note}}
-    words = common.nearest_words(exp.clip, student.ctx.detach())
-    print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
+    words = common.nearest_words(exp.clip, student.ctx.detach()) if hasattr(student, "ctx") else None
+    if words:  # a text context (VPT has none)
+        print("nearest words of each context vector:", " | ".join(" ".join(w for w, _ in ws) for ws in words))
+    config = {key: getattr(args, key) for key in module.KDPL_CONFIG}
     if not saved:
-        learned = {key: v for key, v in student.state_dict().items() if key != "ctx"}  # CoCoOp's Meta-Net
-        common.save_prompt(out, exp, prompt_name(args), student.ctx, **learned, ctx_init=args.ctx_init,
-                           student=args.student)
-    extra.update({"student": args.student, "kl": args.kl,
-                  "student_kdpl_config": {key: getattr(args, key) for key in module.KDPL_CONFIG},
+        learned = student.state_dict()  # what trains: the context, CoCoOp's Meta-Net, VPT's prompts ...
+        common.save_prompt(out, exp, prompt_name(args), learned.pop("ctx", None), **learned, student=args.student,
+                           student_kdpl_config=config)
+    extra.update({"student": args.student, "kl": args.kl, "student_kdpl_config": config,
                   "nearest_words": words, "class_agnostic": args.class_agnostic,
                   "dictionary": {"source": args.dictionary or "wordnet", "size": len(names)} if args.class_agnostic
                   else None})

@@ -53,6 +53,12 @@ METHODS = {
     "kdpl_ca": ("kdpl.py", ["--class-agnostic"]),
     "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop"]),
     "kdpl_ca_cocoop": ("kdpl.py", ["--student", "cocoop", "--class-agnostic"]),
+    "vpt": ("vpt.py", []),
+    "maple": ("maple.py", []),
+    "kdpl_vpt": ("kdpl.py", ["--student", "vpt"]),
+    "kdpl_maple": ("kdpl.py", ["--student", "maple"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc"]),
     "mopd": ("mopd.py", []),
     "demul": ("demul.py", []),
     "empl": ("empl.py", []),  # started from the job's CoOp run (see plan)
@@ -79,7 +85,17 @@ def load_results(runs_dir):
     found = sorted(Path(runs_dir).rglob("results.json"))
     if not found:
         raise common.UserError(f"no results.json under {runs_dir}: run a method first, or check the path")
-    return [json.loads(p.read_text()) for p in found]
+    return [read_result(p) for p in found]
+
+
+def read_result(path):
+    """A results.json a run wrote; one that cannot be read (damaged since) is one message saying what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON (truncated), or not UTF-8
+        why = err.strerror if isinstance(err, OSError) else f"not a complete results file ({err})"
+        raise common.UserError(f"cannot read {path}: {why}. Delete it and run the sweep again: it reruns that "
+                               f"run") from None
 
 
 def _cell(values):
@@ -197,14 +213,15 @@ def plot_curves(title, curves, path):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        common.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summarize(runs_dir, out=None):
     """Print the tables, write summary.md and one few-shot curve PNG per table into `out` (runs_dir)."""
     out = Path(out or runs_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sections = []
     for title, (table, curves) in summary_tables(load_results(runs_dir)).items():
         sections.append(f"### {title}\n\n{table}\n")
@@ -213,7 +230,7 @@ def summarize(runs_dir, out=None):
             plot_curves(title, curves, out / name)
             sections.append(f"![{title}]({name})\n")
     text = "\n".join(sections)
-    (out / "summary.md").write_text(text)
+    common.write_atomic(out / "summary.md", lambda tmp: tmp.write_text(text))
     print(text)
     return text
 
@@ -304,7 +321,7 @@ def check_finished(run, asked):
     """A finished run is skipped only if it computed what this sweep asks for: the results path does not
     hold the backbone, weights or epochs, and a sweep into the same --output with other flags after --
     would otherwise report another configuration's numbers as its own."""
-    found = json.loads(run.results.read_text()).get("config", {})
+    found = read_result(run.results).get("config", {})
     asked = json.loads(json.dumps(vars(asked), default=str))
     for config in (found, asked):  # --init-from points into --output, a place: compare it as seen from there
         start, root = config.get("init_from"), config.get("output", "")
@@ -328,26 +345,29 @@ def execute(run, echo=True):
         return "skipped (results exist)"
     if STOP.is_set():
         return "not started (interrupted)"
-    run.log.parent.mkdir(parents=True, exist_ok=True)
     line = "$ " + shlex.join(run.command)
     print(line, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # logs follow the run as it goes
-    with open(run.log, "a") as log:
-        log.write(line + "\n")
-        log.flush()
-        proc = subprocess.Popen(run.command, cwd=run.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
-        try:
-            for out in proc.stdout:
-                log.write(out)
-                if echo:
-                    sys.stdout.write(out)
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # we were interrupted (Ctrl-C, a job's end): the run must not outlive us
-                proc.kill()
-                proc.wait()
-        log.write(f"[sweep] exit code {code}\n")
+    try:
+        run.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.log, "a") as log:
+            log.write(line + "\n")
+            log.flush()
+            proc = subprocess.Popen(run.command, cwd=run.cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            try:
+                for out in proc.stdout:
+                    log.write(out)
+                    if echo:
+                        sys.stdout.write(out)
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:  # we were interrupted (Ctrl-C, a job's end, a full disk): the run
+                    proc.kill()          # must not outlive us
+                    proc.wait()
+            log.write(f"[sweep] exit code {code}\n")
+    except OSError as err:  # the log is the one file written here (appended: an earlier attempt stays readable)
+        raise common.UserError(common.cannot_write(run.log, err)) from None
     return "ok" if code == 0 else f"failed (exit {code})"
 
 
@@ -381,8 +401,8 @@ def run_local(passes, jobs=1):
             futures = [pool.submit(SweepJob(runs, echo=jobs == 1)) for runs in pass_jobs]
             try:
                 done = [future.result() for future in futures]
-            except KeyboardInterrupt:
-                STOP.set()  # the running runs got the Ctrl-C as well; no job starts another one
+            except BaseException:  # a Ctrl-C (the running runs got it as well), a log that cannot be written
+                STOP.set()  # no job starts another run
                 raise
         statuses += [(run, status, run.log) for job in done for run, status in job]
     return statuses

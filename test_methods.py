@@ -4,6 +4,7 @@ from ../shared/data are used when present (skipped with a reason otherwise)."""
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
@@ -21,6 +22,7 @@ import sys
 import textwrap
 import threading
 import time
+from unittest import mock
 import urllib.error
 import warnings
 from collections import defaultdict
@@ -43,8 +45,11 @@ import data
 import demul
 import empl
 import kdpl
+import maple
 import mopd
+import promptsrc
 import sweep
+import vpt
 from data import DataError, Dataset, Item
 
 
@@ -102,9 +107,11 @@ def dassl_fewshot(data_source, num_shots):
 def eurosat():
     if not (SHARED_DATA / "eurosat" / "2750").is_dir():
         pytest.skip(f"EuroSAT not found at {SHARED_DATA / 'eurosat'}")
-    start = time.time()
-    ds = data.load_dataset("EuroSAT", str(SHARED_DATA), download=False)
-    assert time.time() - start < 2.0  # must not stat 27k files
+    checked = []
+    isfile = os.path.isfile
+    with mock.patch.object(data.os.path, "isfile", lambda p: checked.append(p) or isfile(p)):
+        ds = data.load_dataset("EuroSAT", str(SHARED_DATA), download=False)
+    assert len(checked) < 100  # must not stat 27k files (counted, not timed: CI machines vary)
     return ds
 
 
@@ -392,6 +399,15 @@ def silent_cocoop(clip, names, ctx_init="a photo of a"):
     return model
 
 
+def planted_teacher(n_names, *labels):
+    """KDPL's planted teacher: a 96-d feature space (like tiny-wide's) whose n_names class text features are
+    orthonormal, and for each label of each list a teacher image feature near that class, so its zero-shot
+    answer is the label. Returns the text features and one feature tensor per label list."""
+    gen = torch.Generator().manual_seed(3)
+    text = torch.linalg.qr(torch.randn(96, n_names, generator=gen))[0].t()
+    return text, [text[y] + 0.3 * torch.randn(len(y), 96, generator=gen) / 96 ** 0.5 for y in labels]
+
+
 def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), k=10, student="coop", batch_size=32):
     """Student: the tiny CLIP with planted image features (at chance with its starting context). Teacher:
     another feature space (96-d, like tiny-wide) whose class text features are orthonormal and whose image
@@ -405,10 +421,7 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
     prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
     train_x, train_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 4, seed=1)
     test_x, test_y = planted_features(clip, prompts, true_ctx, student.ctx.detach(), 50, seed=2)
-    gen = torch.Generator().manual_seed(3)
-    teacher_text = torch.linalg.qr(torch.randn(96, len(vocab), generator=gen))[0].t()
-    train_t = teacher_text[train_y] + 0.3 * torch.randn(len(train_y), 96, generator=gen) / 96 ** 0.5
-    test_t = teacher_text[test_y] + 0.3 * torch.randn(len(test_y), 96, generator=gen) / 96 ** 0.5
+    teacher_text, (train_t, test_t) = planted_teacher(len(vocab), train_y, test_y)
     teacher_acc = common.accuracy(common.cosine_logits(test_t, teacher_text[:10], clip.logit_scale), test_y)
     with torch.no_grad():
         before = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
@@ -424,6 +437,141 @@ def train_planted_kdpl(clip, shuffle_teacher=False, epochs=100, distractors=(), 
     with torch.no_grad():
         after = common.accuracy(student.logits(test_x, EUROSAT_NAMES), test_y)
     return before, after, teacher_acc
+
+
+# The planted tasks of the prompted students: VPT, MaPLe, PromptSRC, and KDPL on each. CoOp's planted task makes
+# image features with the text tower; these students read images, through a tower whose prompts they learn. In a
+# random tiny ViT every image gives nearly the same class token (cosine ~0.98) and the images' own class structure
+# passes through whatever the prompts are: any prompts, or the text side alone, would separate the classes. So the
+# task is planted in the frozen piece that reads the tower out, the image projection: it reads what hidden true
+# prompts make of each class, and not what other prompts make of it.
+PLANTED_NAMES = EUROSAT_NAMES[:5]
+
+
+def planted_vit(seed=0):
+    """A frozen CLIP for planted tasks: open_clip's ViT with 3 layers of width 64 on 64-px images in 16-px patches
+    (16 patches: a prompted step costs milliseconds) and tiny's text tower, random weights (seeded). Its image
+    projection (64 x 64, width = embed_dim) is set by plant_image_projection."""
+    with common.global_rng(seed, "planted vit"):
+        model = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=64, layers=3, width=64, head_width=32,
+                               patch_size=16), text_cfg=common.TINY_CONFIGS["tiny"]["text_cfg"])
+    return common.Clip(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-16"), backbone="planted-vit")
+
+
+def class_images(per_class, seed):
+    """per_class images of each of the 5 classes, labels in turn: class c's random template image (the same for
+    every seed) + noise (seeded)."""
+    templates = torch.randn(len(PLANTED_NAMES), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(len(PLANTED_NAMES)).repeat(per_class)
+    noise = torch.randn(len(labels), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return templates[labels] + 0.1 * noise, labels
+
+
+def visual_and_text(model):
+    """A prompted student's answer: its visual prompts (one (n, width) tensor per layer) and class text features."""
+    with torch.no_grad():
+        if isinstance(model, vpt.VPT):
+            return [p.clone() for p in model.prompts], model.text
+        if isinstance(model, maple.MaPLe):
+            return model.visual_prompts(), model.text_features()  # V_i = F_i(P_i)
+        return [p.clone() for p in model.visual], model.text_features()
+
+
+def drawn_answer(model, seed):
+    """The answer of the student with its prompts drawn N(0, 1) instead (MaPLe's couplings kept); the student is
+    left as it was."""
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" not in name:  # MaPLe's couplings F_i: proj, deep_proj
+                p.copy_(torch.randn(p.shape, generator=gen))
+    answer = visual_and_text(model)
+    model.load_state_dict(start)
+    return answer
+
+
+def plant_image_projection(clip, images, labels, true, start, others):
+    """Set the frozen image projection (features = h @ proj, h the class token after ln_post) so that the hidden
+    true answer classifies the images and no answer does without learning. true, start: (visual prompts, class
+    text features); others: visual prompts drawn like the true ones.
+      1. Not read: the C - 1 directions in which the class means of h differ most under the other prompts (what
+         any prompts make of the images' own classes), then the C - 1 of the start's (so the start is at chance).
+      2. Read by least squares: h(x; true prompts) as the true text feature of x's class; and the start's mean h,
+         weighted as all images together, as a feature at one same cosine to each of the start's class text
+         features (the start leans to no class: learning begins on level ground, at the loss log C)."""
+    n, proj = len(true[1]), clip.model.visual.proj
+    h = lambda prompts: common.encode_image(clip, images, prompts)
+
+    def class_offsets(feats):  # the class means of h, less their mean
+        means = torch.stack([feats[labels == c].mean(0) for c in range(n)])
+        return means - means.mean(0)
+
+    def drop(keep, offsets):  # keep less the n - 1 directions of largest offset left in it
+        top = torch.linalg.svd((offsets @ keep).t(), full_matrices=False)[0][:, :n - 1]
+        return keep - top @ top.t()
+    with torch.no_grad():
+        proj.copy_(torch.eye(len(proj)))  # h itself
+        keep = drop(torch.eye(len(proj)), torch.cat([class_offsets(h(prompts)) for prompts in others]))
+        h_start = h(start[0])
+        keep = drop(keep, class_offsets(h_start))
+        level = torch.linalg.pinv(F.normalize(start[1], dim=-1)) @ torch.ones(n)  # the same cosine to every class
+        level = level / level.norm() * start[1].norm(dim=-1).mean()                # as long as a text feature
+        w = len(images) ** 0.5  # one row weighs as much as all images together
+        x = torch.cat([h(true[0]), w * h_start.mean(0, keepdim=True)]) @ keep
+        y = torch.cat([true[1][labels], w * level[None]])
+        readout = torch.linalg.solve(x.t() @ x + 1e-4 * len(x) * torch.eye(len(proj)), x.t() @ y)  # ridge
+        proj.copy_(keep @ readout)
+
+
+class PlantedPrompted:
+    """A prompted student (vpt, maple or promptsrc; 2 layers of prompts) at its start on a planted tower: 5
+    classes, 8 training and 20 test images each. The hidden true answer is the student's own kind of prompts,
+    drawn N(0, 1) (VPT: visual prompts; MaPLe: text prompts, coupled into the image tower by the student's
+    couplings; PromptSRC: text and visual prompts), with its class text features. start: the student's answer at
+    its start. Test accuracies: true (the hidden answer), random (3 answers drawn like it), before (the student at
+    its start)."""
+
+    def __init__(self, method, seed=0):
+        self.clip, names = planted_vit(seed), PLANTED_NAMES
+        self.model = {"vpt": lambda: vpt.VPT(self.clip, names, n_ctx=4, depth=2),
+                      "maple": lambda: maple.MaPLe(self.clip, names, n_ctx=2, depth=2),
+                      "promptsrc": lambda: promptsrc.PromptSRC(self.clip, names, n_ctx=4, depth=2)}[method]()
+        self.start = visual_and_text(self.model)
+        true, *others = [drawn_answer(self.model, 100 * seed + i) for i in range(12)]
+        plant_image_projection(self.clip, *class_images(20, seed=1), true, self.start, [p for p, _ in others[:8]])
+        self.train_x, self.train_y = class_images(8, seed=2)
+        self.test_x, self.test_y = class_images(20, seed=3)
+        self.true, self.random = self.accuracy(*true), [self.accuracy(*answer) for answer in others[8:]]
+        self.before = self.student_accuracy()
+
+    def accuracy(self, visual_prompts, text, labels=None):
+        """Test accuracy of an answer (on the test labels, or on `labels`)."""
+        with torch.no_grad():
+            feats = common.encode_image(self.clip, self.test_x, visual_prompts)
+            logits = common.cosine_logits(feats, text, self.clip.logit_scale)
+        return common.accuracy(logits, self.test_y if labels is None else labels)
+
+    def student_accuracy(self, labels=None):
+        """Test accuracy of the student, through its own classifier."""
+        with torch.no_grad():
+            logits = self.model.classifier(PLANTED_NAMES)(self.test_x)
+        return common.accuracy(logits, self.test_y if labels is None else labels)
+
+    def fit(self, loss, *data, epochs=30, lr=0.001, epoch_end=None):
+        """Train the student's parameters on loss(*rows of data): common.fit, CoOp's recipe, batch 8."""
+        common.fit(self.model.trainable(), loss, lambda epoch: data, n=len(data[0]), epochs=epochs, batch_size=8,
+                   lr=lr, epoch_end=epoch_end)
+
+
+@pytest.fixture
+def one_thread():
+    """The planted prompted tasks on one CPU thread: their tensors are tiny, and on a loaded 2-core machine two
+    threads waiting on each other made one run 50 times slower (125 s against 2.4 s). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fake_experiment(tmp_path, clip, names, labels, epochs=3):
@@ -659,6 +807,14 @@ def mini_root(tmp_path_factory):
     return make_mini_eurosat(tmp_path_factory.mktemp("mini"))
 
 
+@pytest.fixture(scope="module")
+def finished_coop_run(mini_root, tmp_path_factory):
+    """A finished seeded 1-shot CoOp run: its results folder (runs/) and its feature cache (cache/)."""
+    base = tmp_path_factory.mktemp("finished")
+    run_method("coop", mini_root, base / "runs", base / "cache", "--shots", "1")
+    return base
+
+
 def fake_embed(self, names):
     """A deterministic stand-in for DeMul's LLM embedder h (no network, no model download)."""
     return torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(
@@ -668,11 +824,19 @@ def fake_embed(self, names):
 # The cheapest flags that still run each method's whole path (teacher, LLM space, SGLD, gate).
 CHEAP_FLAGS = {"coop": [], "cocoop": [], "kdpl": ["--teacher", "tiny-wide", "--teacher-pretrained", "none"],
                "kdpl_cocoop": ["--student", "cocoop", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "vpt": ["--depth", "2"], "maple": ["--depth", "2"],
+               "kdpl_vpt": ["--student", "vpt", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained", "none"],
+               "kdpl_maple": ["--student", "maple", "--depth", "2", "--teacher", "tiny-wide", "--teacher-pretrained",
+                              "none"],
+               "promptsrc": ["--depth", "2"],
+               "kdpl_promptsrc": ["--student", "promptsrc", "--depth", "2", "--teacher", "tiny-wide",
+                                  "--teacher-pretrained", "none"],
                "mopd": ["--batch-size", "8"], "demul": ["--llm", "minilm", "--pretrain-names", "40",
                                                          "--pretrain-epochs", "1"],
                "empl": ["--vocab", "imagenet", "--vocab-pool", "50", "--sgld-steps", "1"]}
-METHODS = {"coop": coop, "cocoop": cocoop, "kdpl": kdpl, "kdpl_cocoop": kdpl, "mopd": mopd, "demul": demul,
-           "empl": empl}
+METHODS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple, "promptsrc": promptsrc, "kdpl": kdpl,
+           "kdpl_cocoop": kdpl, "kdpl_vpt": kdpl, "kdpl_maple": kdpl, "kdpl_promptsrc": kdpl, "mopd": mopd,
+           "demul": demul, "empl": empl}
 
 
 def run_method(name, root, out, cache, *extra, monkeypatch=None):
@@ -717,6 +881,36 @@ def _fill_cache(clip, root, items, offset):
         cache.put(clip, "fake", [item], "test", torch.full((1, clip.embed_dim), float(offset + i)))
 
 
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux) here")
+
+
+def disk_full_at(path):
+    """The next write of path fails as on a full disk, for real: its temporary file is a link to /dev/full
+    (whose writes fail with ENOSPC). No root needed."""
+    tmp = common.temporary_path(path)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.symlink_to("/dev/full")
+
+
+def rename_fails_at(monkeypatch, *paths):
+    """Renaming a finished temporary file over one of paths fails (a filesystem turned read-only)."""
+    replace, targets = os.replace, {str(p) for p in paths}
+
+    def failing(src, dst):
+        if str(dst) in targets:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+
+
+DAMAGES = {  # what a full disk, a quota or a flaky network filesystem leaves of a file
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:path.stat().st_size // 2]),
+    "empty": lambda path: path.write_bytes(b""),
+    "not a torch file": lambda path: path.write_bytes(b"\0" * 100),
+    "another structure": lambda path: torch.save({"something": "else"}, path),
+}
+
+
 def tiny_quickgelu_checkpoints(tmp_path):
     """A tiny QuickGELU CLIP saved the three ways users have CLIP weights."""
     torch.manual_seed(3)
@@ -747,6 +941,12 @@ FAIL_EARLY = {  # a cheap precondition of each method that fails
     "cocoop": (["--output", "{file}/runs"], "is a file, not a folder"),
     "kdpl": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "kdpl_cocoop": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "vpt": (["--depth", "3"], "has 2 layers"),
+    "maple": (["--depth", "3"], "have 2 layers"),
+    "kdpl_vpt": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "kdpl_maple": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
+    "promptsrc": (["--depth", "3"], "have 2 layers"),
+    "kdpl_promptsrc": (["--teacher-pretrained", "{tmp}/missing_teacher.pt"], "missing_teacher.pt: no such file"),
     "mopd": (["--cache-dir", "{file}/cache"], "is a file, not a folder"),
     "demul": (["--llm", "openai:text-embedding-3-large"], "OPENAI_API_KEY"),
     "empl": (["--init-from", "{tmp}/coop_prompt.pt"], "does not exist"),
@@ -878,6 +1078,18 @@ class TestData:
         with pytest.raises(DataError):
             data.load_dataset("eurosat", str(tmp_path))
         assert not list((tmp_path / "eurosat").glob("*.json*"))  # nothing half-written left behind
+
+    @needs_dev_full
+    def test_a_split_file_downloaded_onto_a_full_disk_is_one_message_and_leaves_nothing(self, tmp_path, monkeypatch):
+        (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+        split = json.dumps({"train": [], "val": [], "test": []}).encode()
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(split))
+        target = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+        disk_full_at(target)
+        with pytest.raises(common.UserError) as error:
+            data.load_dataset("eurosat", str(tmp_path))
+        assert str(error.value).startswith(f"cannot write {target}: No space left on device; ")
+        assert [p.name for p in (tmp_path / "eurosat").iterdir()] == ["2750"]  # no partial split file
 
     def test_split_download_success_and_missing_image(self, tmp_path, monkeypatch):
         split = SHARED_DATA / "coop_splits" / "split_zhou_EuroSAT.json"
@@ -1070,7 +1282,8 @@ class TestCLIP:
         header = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\nfrom dataclasses import dataclass\n"
         (tmp_path / "common.py").write_text(header + section)
         losses = f"KL_WEIGHTS = {kdpl.KL_WEIGHTS!r}\n\n" + "\n\n".join(
-            inspect.getsource(f) for f in (kdpl.select_classes, kdpl.symmetric_kl, kdpl.kdpl_loss))
+            inspect.getsource(f) for f in (kdpl.select_classes, kdpl.symmetric_kl, kdpl.teacher_targets,
+                                               kdpl.kdpl_loss))
         (tmp_path / "kdpl_losses.py").write_text("import torch\nimport torch.nn.functional as F\nimport common\n\n" + losses)
         torch.save(clip.model.state_dict(), tmp_path / "model.pt")
         gen = torch.Generator().manual_seed(0)
@@ -1375,6 +1588,97 @@ class TestFeatureCache:
         assert "Traceback" not in message and len(message.splitlines()) == 1
 
 
+    @pytest.mark.parametrize("damage", list(DAMAGES))
+    def test_a_damaged_cache_file_is_named_recomputed_and_replaced(self, clip, tmp_path, damage, capsys):
+        items = fake_items(tmp_path)
+        cold = common.FeatureCache(tmp_path / "cache", workers=0).get(clip, "fake", items, "test")
+        path = common.FeatureCache(tmp_path / "cache").path(clip, "fake", "test")
+        DAMAGES[damage](path)
+        capsys.readouterr()
+        cache = common.FeatureCache(tmp_path / "cache", workers=0)
+        assert torch.equal(cache.get(clip, "fake", items, "test"), cold) and cache.computed == len(items)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"warning: cache file {path} cannot be read (") and "recomputed" in err, err
+        assert len(err.splitlines()) == 1  # once, although the file is read again under the lock
+        assert sorted(torch.load(path)["rel"]) == sorted(it.rel for it in items)  # replaced by a whole file
+        assert not list(tmp_path.rglob("*.tmp*"))
+        common.FeatureCache(tmp_path / "cache", workers=0).get(clip, "fake", items, "test")
+        assert capsys.readouterr().err == ""
+
+
+class TestFiles:
+    """Every file goes through common.write_atomic: a full disk, a quota or a read-only folder is one message
+    naming the file and the cause; no partial file is left and the previous version stays as it was."""
+
+    @needs_dev_full
+    @pytest.mark.parametrize("fault", ["full disk", "rename fails"])
+    @pytest.mark.parametrize("kind", ["torch.save", "text"])
+    def test_a_failed_write_is_one_message_and_leaves_the_previous_file(self, tmp_path, monkeypatch, fault, kind):
+        path = tmp_path / "file"
+        path.write_bytes(b"before")
+        disk_full_at(path) if fault == "full disk" else rename_fails_at(monkeypatch, path)
+        with pytest.raises(common.UserError) as error:
+            if kind == "torch.save":
+                common.save_atomic({"x": torch.zeros(10**5)}, path)
+            else:
+                common.write_atomic(path, lambda tmp: tmp.write_text("after"))
+        reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+        assert str(error.value).startswith(f"cannot write {path}: {reason}; ") and "\n" not in str(error.value)
+        assert path.read_bytes() == b"before" and list(tmp_path.iterdir()) == [path]
+
+    @needs_dev_full
+    def test_a_cache_folder_that_cannot_be_made_is_one_message(self, clip, tmp_path):
+        cache = common.FeatureCache(Path("/dev/full/cache"), workers=0)  # under a file, not a folder
+        with pytest.raises(common.UserError) as error:
+            cache.get(clip, "fake", fake_items(tmp_path, n=1), "test")
+        assert str(error.value).startswith("cannot write /dev/full/cache/") and "Not a directory" in str(error.value)
+
+    def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_partial_file(self, tmp_path):
+        def half_then_a_bug(tmp):
+            tmp.write_text("half")
+            raise TypeError("a bug")
+        with pytest.raises(TypeError, match="a bug"):
+            common.write_atomic(tmp_path / "file", half_then_a_bug)
+        assert list(tmp_path.iterdir()) == []
+
+    @needs_dev_full
+    @pytest.mark.parametrize("fault", ["full disk", "rename fails"])
+    @pytest.mark.parametrize("target", ["results.json", "prompt.pt", "cache"])
+    def test_a_disk_filling_up_mid_run_is_one_message_and_keeps_the_files_there(self, finished_coop_run, mini_root,
+                                                                                 tmp_path, monkeypatch, fault, target):
+        shutil.copytree(finished_coop_run, tmp_path, dirs_exist_ok=True)
+        if target == "cache":  # 2 shots: each training view's cache file gains an image per class
+            targets, extra = sorted((tmp_path / "cache").rglob("*.pt")), ["--shots", "2"]
+        else:  # the same run again, over its own results
+            targets, extra = sorted((tmp_path / "runs").rglob(target)), ["--shots", "1", "--overwrite"]
+        before = {path: path.read_bytes() for path in targets}
+        if fault == "full disk":
+            for path in targets:
+                disk_full_at(path)
+        else:
+            rename_fails_at(monkeypatch, *targets)
+        planted = set(tmp_path.rglob("*.tmp*"))
+        with pytest.raises(SystemExit) as exit_:
+            run_method("coop", mini_root, tmp_path / "runs", tmp_path / "cache", *extra)
+        message = str(exit_.value.code)
+        reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+        failed = next((path for path in targets if message.startswith(f"error: cannot write {path}: {reason}; ")),
+                      None)
+        assert failed and "\n" not in message, message
+        assert set(tmp_path.rglob("*.tmp*")) == planted - {common.temporary_path(failed)}  # no partial file
+        assert {path: path.read_bytes() for path in targets} == before  # what was there is intact
+
+    def test_an_output_folder_on_a_full_filesystem_is_refused_before_any_work(self, mini_root, tmp_path,
+                                                                               monkeypatch):
+        usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=0))
+        with pytest.raises(SystemExit) as exit_:
+            run_method("coop", mini_root, tmp_path / "runs", tmp_path / "cache")
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: --output {tmp_path / 'runs'}") and "no space left" in message, message
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
 class TestEveryMethod:
     """What every method's command line guarantees: seeds, precisions, clear errors, saved prompts."""
 
@@ -1407,7 +1711,9 @@ class TestEveryMethod:
                                        monkeypatch=monkeypatch)
         torch.manual_seed(12345)  # whatever the global generator holds
         warm, warm_prompt = run_method(name, mini_root, tmp_path / "b", tmp_path / "cache", monkeypatch=monkeypatch)
-        assert cold["times"]["images_encoded"] > 0 and warm["times"]["images_encoded"] == 0
+        # a prompted image tower alone (VPT, MaPLe) never uses the cache: no frozen tower to serve
+        assert (cold["times"]["images_encoded"] > 0) == (name not in ("vpt", "maple"))
+        assert warm["times"]["images_encoded"] == 0
         assert warm["metrics"] == cold["metrics"]
         assert warm["train"]["loss_per_epoch"] == cold["train"]["loss_per_epoch"]
         for key, value in cold_prompt.items():
@@ -1460,6 +1766,17 @@ class TestEveryMethod:
                                   monkeypatch=monkeypatch)
         assert loaded["metrics"] == trained["metrics"] and "train" not in loaded and none is None
         assert loaded["loaded_from"] == str(prompt) and "loaded" in next((tmp_path / "eval").rglob("results.json")).parts
+
+    def test_the_prepared_gpu_check_runs_on_the_cpu(self, mini_root, tmp_path):
+        """benchmark.py --gpu-check (every method for real on a CUDA machine) has a CPU fallback: the same code
+        path on tiny towers, one table with a row per method and precision."""
+        proc = run_cli("benchmark.py", "--gpu-check", "--device", "cpu", "--backbone", "tiny", "--data-root",
+                       str(mini_root), "--images", "30", "--gpu-check-methods", "coop", "vpt", "--gpu-check-precisions",
+                       "bf16", "--workers", "0", "--output", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        table = proc.stdout.strip().splitlines()
+        assert table[0].split()[:3] == ["method", "precision", "s/step"] and len(table) == 3
+        assert all(line.split()[1] == "bf16" and line.endswith("ok") for line in table[1:]), table
 
     def test_a_saved_prompt_of_another_model_method_or_class_set_is_refused(self, mini_root, tmp_path, monkeypatch):
         run_method("coop", mini_root, tmp_path / "train", tmp_path / "cache", "--csc", monkeypatch=monkeypatch)
@@ -1685,6 +2002,286 @@ class TestCoCoOp:
             cocoop.parse_args(["--n-ctx", "8"])  # contradicts the 4 words of --ctx-init
 
 
+class TestPromptedTowers:
+    """common.encode_image / encode_text with deep prompts (VPT, MaPLe, IVLP): the official forward passes."""
+
+    def images(self, n=3, seed=0):
+        return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+    def official_image_tower(self, clip, images, prompts, accumulate=False):
+        """The official prompted ViT, written out (multimodal-prompt-learning clip/model.py L393-L422 and the
+        IVLP block L234-L241): prompts appended after the positional embedding, before ln_pre; at block i < J
+        the last n tokens are replaced by P_i (accumulate=True: added to them instead, the error to catch)."""
+        v, n = clip.model.visual, len(prompts[0])
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
+        x = v.ln_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], 1))
+        for i, block in enumerate(v.transformer.resblocks):
+            if 0 < i < len(prompts):
+                new = prompts[i].expand(len(x), -1, -1)
+                x = torch.cat([x[:, :-n], x[:, -n:] + new if accumulate else new], 1)
+            x = block(x)
+        return v.ln_post(x[:, 0]) @ v.proj
+
+    def test_without_prompts_the_towers_are_open_clips(self, clip):
+        x = self.images()
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES, 4)
+        emb = prompts.embed(torch.randn(4, clip.ctx_dim))
+        empty = [torch.zeros(0, clip.ctx_dim)] * 2
+        with torch.no_grad():
+            assert torch.equal(common.encode_image(clip, x), clip.model.encode_image(x))
+            assert torch.equal(common.encode_image(clip, x, empty), clip.model.encode_image(x))
+            assert torch.equal(common.encode_text(clip, emb, prompts.eot, deep=empty),
+                               common.encode_text(clip, emb, prompts.eot))
+
+    def test_deep_visual_prompts_are_replaced_at_each_layer_not_accumulated(self, clip):
+        x = self.images()
+        prompts = torch.randn(2, 5, clip.model.visual.transformer.width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = common.encode_image(clip, x, list(prompts))
+            assert torch.allclose(ours, self.official_image_tower(clip, x, prompts), atol=1e-5)
+            assert not torch.allclose(ours, self.official_image_tower(clip, x, prompts, accumulate=True), atol=1e-3)
+            assert not torch.allclose(ours, common.encode_image(clip, x, list(prompts[:1])), atol=1e-3)  # depth 1
+        p = prompts.clone().requires_grad_(True)
+        common.encode_image(clip, x, list(p)).sum().backward()
+        assert all(g.abs().sum() > 0 for g in p.grad)  # every layer's own prompts reach the output
+
+    def test_deep_text_prompts_replace_the_context_positions(self, clip):
+        prompts = common.ClassPrompts(clip, EUROSAT_NAMES[:4], 2, words="of a")
+        gen = torch.Generator().manual_seed(2)
+        ctx, deep = torch.randn(2, clip.ctx_dim, generator=gen), torch.randn(1, 2, clip.ctx_dim, generator=gen)
+        emb, t = prompts.embed(ctx), clip.text
+
+        def official(accumulate=False):  # the IVLP/MaPLe text block (L242-L252): positions 1..n after SOS
+            x = emb + t.positional_embedding[:emb.shape[1]]
+            mask = t.attn_mask[:emb.shape[1], :emb.shape[1]]
+            for i, block in enumerate(t.transformer.resblocks):
+                if i == 1:
+                    new = deep[0].expand(len(x), -1, -1)
+                    x = torch.cat([x[:, :1], x[:, 1:3] + new if accumulate else new, x[:, 3:]], 1)
+                x = block(x, attn_mask=mask)
+            return t.ln_final(x)[torch.arange(len(x)), prompts.eot] @ t.text_projection
+
+        with torch.no_grad():
+            ours = common.encode_text(clip, emb, prompts.eot, deep=list(deep))
+            assert torch.allclose(ours, official(), atol=1e-5)
+            assert not torch.allclose(ours, official(accumulate=True), atol=1e-3)
+            padded = torch.cat([emb, emb[:, -1:].expand(-1, 77 - emb.shape[1], -1)], 1)  # no EOT cut
+            assert torch.allclose(common.encode_text(clip, padded, prompts.eot, deep=list(deep)), ours, atol=1e-5)
+        assert prompts.tokens[0, 3:5].tolist() == clip.tokenizer(["of a"])[0, 1:3].tolist()  # "of a" stays frozen
+
+    def test_maples_visual_prompts_are_the_coupling_of_its_text_prompts(self):
+        """A CLIP whose towers have different widths (text 64, vision 96): the couplings follow the model."""
+        torch.manual_seed(0)
+        model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=224, layers=3, width=96, head_width=32,
+                               patch_size=32), text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2,
+                               layers=3)).eval().requires_grad_(False)
+        clip_ = common.Clip(model, open_clip.get_tokenizer("ViT-B-16"), backbone="odd")
+        m = maple.MaPLe(clip_, EUROSAT_NAMES[:3], n_ctx=2, depth=3, seed=1)
+        visual = m.visual_prompts()
+        assert [tuple(v.shape) for v in visual] == [(2, 96)] * 3
+        assert torch.equal(visual[0], m.proj(m.ctx)) and torch.equal(visual[2], m.deep_proj[1](m.deep_text[1]))
+        assert torch.equal(m.deep_proj[0].weight, m.deep_proj[1].weight)  # _get_clones: identical starts
+        assert not torch.equal(m.proj.weight, m.deep_proj[0].weight)
+        loss = maple.maple_loss(m, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_gradients_reach_the_prompts_only(self, clip, method):
+        model = vpt.VPT(clip, EUROSAT_NAMES[:3], 4, 2) if method == "vpt" else maple.MaPLe(clip, EUROSAT_NAMES[:3], 2, 2)
+        loss = (vpt.vpt_loss if method == "vpt" else maple.maple_loss)(model, self.images(2), torch.tensor([0, 2]))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable())
+        assert not any(p.requires_grad or p.grad is not None for p in clip.model.parameters())
+
+    def test_vpt_learns_its_planted_prompts_from_chance(self, one_thread):
+        """The planted tower (PlantedPrompted): hidden visual prompts classify its images, the start and random
+        prompts are at chance; VPT, trained on the labels, climbs to where the hidden prompts are."""
+        task = PlantedPrompted("vpt")
+        assert task.true >= 90 and task.before <= 30 and max(task.random) <= 30, (task.true, task.before, task.random)
+        task.fit(lambda x, y: vpt.vpt_loss(task.model, x, y), task.train_x, task.train_y)
+        assert task.student_accuracy() >= 90, task.student_accuracy()
+
+    def test_vpt_with_its_prompts_cut_from_the_graph_stays_at_chance(self, one_thread):
+        """The same task with a broken gradient path: what the test above would see if VPT's prompts never
+        moved."""
+        task = PlantedPrompted("vpt")
+        model, scale = task.model, task.clip.logit_scale
+
+        def cut(x, y):  # VPT's logits with the prompts detached: a broken gradient path
+            feats = common.encode_image(task.clip, x, list(model.prompts.detach()))
+            return F.cross_entropy(common.cosine_logits(feats, model.text, scale), y) + 0 * model.prompts.sum()
+        task.fit(cut, task.train_x, task.train_y)
+        assert task.student_accuracy() <= 30, task.student_accuracy()
+
+    def test_maple_learns_its_planted_prompts_and_needs_its_visual_side(self, one_thread):
+        """The hidden answer: other text prompts and their coupling into the image tower. MaPLe climbs from chance
+        to it; its learned text side alone (with the start's visual prompts) stays at chance."""
+        task = PlantedPrompted("maple")
+        assert task.true >= 80 and task.before <= 30 and max(task.random) <= 30, (task.true, task.before, task.random)
+        task.fit(lambda x, y: maple.maple_loss(task.model, x, y), task.train_x, task.train_y)
+        after, text_alone = task.student_accuracy(), task.accuracy(task.start[0], visual_and_text(task.model)[1])
+        assert after >= max(90, task.true) and text_alone <= 30, (after, task.true, text_alone)
+
+    def test_maple_with_its_visual_prompts_cut_from_the_graph_stays_at_chance(self, one_thread):
+        """Only the text side learns (the couplings' outputs detached): it cannot leave chance."""
+        task = PlantedPrompted("maple")
+        model, scale = task.model, task.clip.logit_scale
+
+        def cut(x, y):
+            feats = common.encode_image(task.clip, x, [v.detach() for v in model.visual_prompts()])
+            return F.cross_entropy(common.cosine_logits(feats, model.text_features(), scale), y)
+        task.fit(cut, task.train_x, task.train_y)
+        assert task.student_accuracy() <= 30, task.student_accuracy()
+
+    def test_the_prompted_tower_sees_the_crop_the_cache_encoded(self, clip, tmp_path):
+        """View k of a training image: the pixels a prompted tower gets are the ones a cached frozen tower's
+        feature of view k was computed from (what a KDPL teacher or PromptSRC's frozen CLIP reads)."""
+        exp = fake_experiment(tmp_path, clip, ["cat", "dog"], [0, 1, 0, 1])
+        rows = torch.tensor([2, 0])
+        with torch.no_grad():
+            for epoch in (0, 1):
+                live = clip.model.encode_image(exp.train_images(epoch)[rows])
+                assert torch.allclose(live, exp.train_features(epoch)[rows], atol=1e-5)
+            assert not torch.allclose(exp.train_images(0)[rows], exp.train_images(1)[rows])  # two views, two crops
+
+    @pytest.mark.parametrize("script", ["vpt.py", "maple.py"])
+    def test_a_resnet_backbone_gets_one_message_before_any_image_is_encoded(self, script, mini_root, tmp_path):
+        proc = run_cli(script, "--dataset", "eurosat", "--shots", "1", "--backbone", "RN50", "--pretrained", "none",
+                       "--data-root", str(mini_root), "--no-download", "--output", str(tmp_path / "runs"),
+                       "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "0")
+        assert proc.returncode != 0 and "needs a ViT backbone" in proc.stderr and "Traceback" not in proc.stderr
+        assert not list((tmp_path / "cache").rglob("*.pt"))
+
+    @pytest.mark.parametrize("method", ["vpt", "maple"])
+    def test_official_defaults(self, method):
+        args = METHODS[method].parse_args([])
+        expected = {"vpt": (5, 4, 0.0025, 8, 12), "maple": (5, 4, 0.0035, 2, 9)}[method]
+        assert (args.epochs, args.batch_size, args.lr, args.n_ctx, args.depth) == expected
+        assert (args.protocol, args.backbone) == ("base2new", "ViT-B-16")
+        if method == "maple":  # training for cross-dataset / domain generalisation: the cross-dataset config
+            xd = maple.parse_args(["--dataset", "imagenet", "--protocol", "fewshot", "--eval-on", "imagenetv2"])
+            assert (xd.depth, xd.lr, xd.epochs) == (3, 0.0026, 2)
+        kd = kdpl.parse_args(["--student", method])
+        assert (kd.backbone, kd.epochs, kd.batch_size) == ("ViT-B-32", 5, 4)
+
+
+class TestPromptSRC:
+    """promptsrc.py: the self-regulating terms by hand, GPA, the frozen CLIP from the cache, KDPL keeping them."""
+
+    def setup_model(self, clip, n_ctx=2):
+        return promptsrc.PromptSRC(clip, EUROSAT_NAMES[:4], n_ctx=n_ctx, depth=2, seed=1)
+
+    def test_each_self_regulating_term_equals_a_hand_computation(self, clip):
+        model = self.setup_model(clip)
+        gen = torch.Generator().manual_seed(0)
+        images, frozen = torch.randn(3, 3, 224, 224, generator=gen), torch.randn(3, clip.embed_dim, generator=gen)
+        labels = torch.tensor([0, 3, 1])
+        logits, terms = promptsrc.self_regulating_terms(model, images, frozen, 25.0, 10.0)
+        with torch.no_grad():
+            f, g, g_zs = model.image_features(images), model.text_features(), model.frozen_text
+            unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+            s = clip.logit_scale
+            p, p_zs = (s * unit(f) @ unit(g).t()).softmax(-1), (s * unit(frozen) @ unit(g_zs).t()).softmax(-1)
+            hand = {"logits": float((p_zs * (p_zs.log() - p.log())).sum() / p.numel()),  # KL(p_zs || p) / (B C)
+                    "text": 25 * float((unit(g) - unit(g_zs)).abs().mean()),
+                    "image": 10 * float((unit(f) - unit(frozen)).abs().mean())}
+        assert {k: float(v.detach()) for k, v in terms.items()} == pytest.approx(hand, rel=1e-4)
+        assert all(v > 0 for v in hand.values())
+        total = promptsrc.promptsrc_loss(model, images, frozen, labels)
+        ce = F.cross_entropy(logits, labels)
+        assert float(total.detach()) == pytest.approx(float(ce) + sum(hand.values()), rel=1e-4)
+        reweighted = promptsrc.promptsrc_loss(model, images, frozen, labels, text_weight=5.0)
+        assert float(total - reweighted) == pytest.approx(hand["text"] * 20 / 25, rel=1e-4)  # the weight is used
+
+    def test_with_prompts_that_change_nothing_every_term_is_zero(self, clip):
+        """Zero-length prompts: the prompted towers are the frozen ones, so against the frozen tower's own
+        features (and its own text features as the target) every self-regulating term is 0."""
+        model = self.setup_model(clip, n_ctx=0)
+        images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            frozen = clip.model.encode_image(images)
+            model.frozen_text = model.text_features()
+            _, terms = promptsrc.self_regulating_terms(model, images, frozen, 25.0, 10.0)
+        assert all(float(v) == pytest.approx(0, abs=1e-6) for v in terms.values()), terms
+
+    def test_the_frozen_text_features_are_the_raw_mean_over_the_60_templates(self, clip):
+        assert len(promptsrc.TEMPLATES) == 60 and len(set(promptsrc.TEMPLATES)) == 60
+        assert "a photo of a {}." in promptsrc.TEMPLATES and "itap of a {}." not in promptsrc.TEMPLATES
+        names = ["dog", "Sea or Lake"]
+        per_template = torch.stack([common.encode_texts(clip, [t.format(n) for n in names]) for t in promptsrc.TEMPLATES])
+        assert torch.allclose(promptsrc.frozen_text(clip, names), per_template.mean(0), atol=1e-5)  # not normalised first
+
+    def test_gpa_weights_follow_the_gaussian_over_epochs_and_the_aggregate_is_the_weighted_prompt(self):
+        w = promptsrc.gpa_weights(15, 1, 20)
+        pdf = [math.exp(-0.5 * (e - 15) ** 2) for e in range(1, 21)]
+        assert sum(w) == pytest.approx(1) and w == pytest.approx([p / sum(pdf) for p in pdf])
+        assert max(range(20), key=w.__getitem__) == 14 and w[13] == pytest.approx(w[15])  # epoch 15 weighs most
+        assert promptsrc.gpa_weights(100, 1, 3)[-1] == pytest.approx(1)  # far from the mean: no underflow to 0/0
+        model = nn.Linear(2, 1, bias=False)
+        gpa = promptsrc.GaussianPromptAggregation(model, 2, 1, 3)
+        seen = []
+        for epoch in range(3):
+            with torch.no_grad():
+                model.weight.fill_(epoch + 1.0)  # the "prompts" after epoch e are e
+            seen.append(model.weight.detach().clone())
+            gpa(epoch)
+        gpa.load()
+        assert torch.allclose(model.weight, sum(wi * x for wi, x in zip(gpa.weights, seen)))
+
+    def test_the_frozen_image_features_come_from_the_cache_not_a_second_pass(self, mini_root, tmp_path):
+        """The frozen CLIP's features of each training crop are encoded once per epoch's view, into the cache:
+        images_encoded = training images x epochs (no test image: the prompted tower classifies those)."""
+        result, _ = run_method("promptsrc", mini_root, tmp_path / "runs", tmp_path / "cache")
+        train = len(result["train_images"])
+        assert result["times"]["images_encoded"] == train * result["train"]["epochs"] and train > 4
+        assert result["train"]["steps_per_epoch"] > 1 and result["official_config"] == "base2new"
+
+    def test_promptsrc_learns_its_planted_prompts_from_labels(self, one_thread):
+        """The planted tower (PlantedPrompted) with PromptSRC's whole loss: the cross-entropy, and the three
+        self-regulating terms (official weights) towards the frozen CLIP, here the planted tower without prompts,
+        at chance: they pull back. The frozen features of the crops come from that tower; the evaluated prompts
+        are GPA's aggregate (the base-to-new config's shape: mean at 3/4 of the epochs, std 1)."""
+        task = PlantedPrompted("promptsrc")
+        model = task.model
+        with torch.no_grad():
+            frozen = task.clip.model.encode_image(task.train_x)
+            zero_shot = common.cosine_logits(task.clip.model.encode_image(task.test_x), model.frozen_text,
+                                             task.clip.logit_scale)
+        assert task.true >= 90 and task.before <= 30 and common.accuracy(zero_shot, task.test_y) <= 30
+        gpa = promptsrc.GaussianPromptAggregation(model, mean=30, std=1, epochs=40)
+        task.fit(lambda x, f, y: promptsrc.promptsrc_loss(model, x, f, y), task.train_x, frozen, task.train_y,
+                 epochs=40, epoch_end=gpa)
+        gpa.load()
+        assert task.student_accuracy() >= 85, (task.true, task.student_accuracy())
+
+    def test_official_configs(self):
+        a, b, c = (promptsrc.parse_args(x) for x in ([], ["--protocol", "fewshot"], ["--dataset", "imagenet",
+                                                                                       "--eval-on", "imagenetv2"]))
+        assert (a.config, a.depth, a.gpa_mean, a.gpa_std, a.epochs, a.n_ctx, a.lr, a.batch_size) == \
+            ("base2new", 9, 15, 1, 20, 4, 0.0025, 4)
+        assert (b.config, b.depth, b.gpa_mean, b.gpa_std, b.epochs) == ("fewshot", 9, 30, 30, 50)
+        assert (c.config, c.depth, c.gpa_mean, c.gpa_std, c.epochs) == ("cross_dataset", 3, 6, 10, 20)
+        assert promptsrc.parse_args(["--gpa-mean", "45", "--gpa-std", "5", "--protocol", "fewshot"]).gpa_mean == 45
+        kd = kdpl.parse_args(["--student", "promptsrc"])
+        assert (kd.backbone, kd.depth, kd.epochs, kd.gpa_mean, kd.text_loss_weight) == ("ViT-B-32", 9, 20, 15, 25)
+
+    def test_kdpl_keeps_promptsrcs_terms_and_drops_the_labels(self, clip):
+        """kdpl_promptsrc_loss = the symmetric KL to the teacher + PromptSRC's three terms; no cross-entropy."""
+        model = self.setup_model(clip)
+        gen = torch.Generator().manual_seed(2)
+        images, frozen = torch.randn(2, 3, 224, 224, generator=gen), torch.randn(2, clip.embed_dim, generator=gen)
+        t_text, t_feats = torch.randn(4, 96, generator=gen), torch.randn(2, 96, generator=gen)
+        loss = kdpl.kdpl_promptsrc_loss(model, t_text, images, frozen, t_feats, 4, "symmetric", 25.0, 10.0)
+        logits, terms = promptsrc.self_regulating_terms(model, images, frozen, 25.0, 10.0)
+        teacher, rows = kdpl.teacher_targets(clip.logit_scale, t_text, t_feats, 4)
+        expected = kdpl.symmetric_kl(logits[:, rows], teacher[:, rows]) + sum(terms.values())
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss) != pytest.approx(float(kdpl.kdpl_loss(model, t_text, images, t_feats, 4)), rel=1e-3)
+
+
 class TestKDPL:
     """kdpl.py: the symmetric KL, top-K selection, label-free and class-agnostic learning, the teacher."""
 
@@ -1769,6 +2366,32 @@ class TestKDPL:
         assert [kdpl.method_name(x) for x in (a, b, kdpl.parse_args(["--student", "cocoop", "--class-agnostic"]))] \
             == ["kdpl", "kdpl_cocoop", "kdpl_ca_cocoop"]
 
+    @pytest.mark.parametrize("teacher", ["right", "deranged"])
+    @pytest.mark.parametrize("student", ["vpt", "maple", "promptsrc"])
+    def test_kdpl_on_a_prompted_student_learns_its_planted_task_from_the_teacher_alone(self, student, teacher,
+                                                                                     one_thread):
+        """A prompted student on its planted tower (PlantedPrompted, at chance), trained on kdpl.py's loss with no
+        labels: only the soft labels of planted_teacher, whose zero-shot answer is right, or deranged (class
+        c + 1 for the images of class c). The student learns what the teacher says: the labels, or the
+        derangement. PromptSRC keeps its self-regulating terms (the frozen features of the crops) and GPA."""
+        task, n = PlantedPrompted(student), len(PLANTED_NAMES)
+        says = (lambda y: y) if teacher == "right" else (lambda y: (y + 1) % n)
+        teacher_text, (train_t, test_t) = planted_teacher(n, says(task.train_y), says(task.test_y))
+        assert common.accuracy(common.cosine_logits(test_t, teacher_text, task.clip.logit_scale), says(task.test_y)) \
+            == 100 and task.before <= 30, task.before
+        model = task.model
+        if student == "promptsrc":  # as kdpl.train does for it
+            with torch.no_grad():
+                frozen = task.clip.model.encode_image(task.train_x)
+            gpa = promptsrc.GaussianPromptAggregation(model, mean=30, std=1, epochs=40)
+            loss = lambda x, f, t: kdpl.kdpl_promptsrc_loss(model, teacher_text, x, f, t, n, "symmetric", 25.0, 10.0)
+            task.fit(loss, task.train_x, frozen, train_t, epochs=40, epoch_end=gpa)
+            gpa.load()
+        else:
+            task.fit(lambda x, t: kdpl.kdpl_loss(model, teacher_text, x, t, k=n), task.train_x, train_t)
+        follows, labels = task.student_accuracy(says(task.test_y)), task.student_accuracy()
+        assert follows >= 90 and (teacher == "right" or labels <= 5), (follows, labels)
+
     def test_kdpl_on_cocoop_climbs_to_the_teacher_without_labels(self, clip):
         before, after, teacher_acc = train_planted_kdpl(clip, student="cocoop", epochs=25, batch_size=8)
         assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
@@ -1791,7 +2414,7 @@ class TestKDPL:
         assert teacher_acc >= 99 and before <= 20, (teacher_acc, before)
         assert after >= 80, after
 
-    @pytest.mark.parametrize("student", ["coop", "cocoop"])
+    @pytest.mark.parametrize("student", ["coop", "cocoop", "vpt", "maple", "promptsrc"])
     def test_shuffled_labels_leave_the_trained_prompt_bit_identical(self, clip, teacher, tmp_path, student):
         names = ["cat", "dog", "car", "tree"]
         labels = [i % 4 for i in range(12)]
@@ -1802,13 +2425,18 @@ class TestKDPL:
         for lab in (labels, shuffled):
             task = fake_experiment(tmp_path, clip, names, lab)
             teacher_text = kdpl.teacher_text_features(teacher, names, task.dataset.template)
-            model = kdpl.STUDENTS[student].kdpl_student(clip, names, SimpleNamespace(ctx_init="a photo of a"), 1)
-            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric")
+            flags = SimpleNamespace(ctx_init="a photo of a", n_ctx=2, depth=2, config="base2new", eval_on=[],
+                                    gpa_mean=2.0, gpa_std=1.0, epochs=3, protocol="base2new")
+            task.args.__dict__.update(vars(flags), text_loss_weight=25.0, image_loss_weight=10.0)
+            model = kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+            stats = kdpl.train(task, model, teacher, teacher_text, len(names), "symmetric",
+                               images=kdpl.STUDENTS[student].IMAGE_INPUT == "images")
             ctxs.append(torch.cat([p.detach().flatten() for p in model.trainable()]))
         assert stats["steps_per_epoch"] == 3 and task.cache.computed == 0  # the second run read the cache
         assert torch.equal(ctxs[0], ctxs[1])
-        words = common.words_to_embeddings(clip, "a photo of a").flatten()
-        assert not torch.equal(ctxs[0][:len(words)], words)  # it did train
+        start = torch.cat([p.detach().flatten() for p in kdpl.STUDENTS[student].kdpl_student(clip, names, flags, 1)
+                           .trainable()])
+        assert not torch.equal(ctxs[0], start)  # it did train
 
     @needs_eurosat
     def test_kdpl_cli_standard_and_class_agnostic_on_real_eurosat(self, tmp_path, shared_cache):
@@ -2111,6 +2739,31 @@ class TestDeMul:
                                monkeypatch=monkeypatch)  # --combine left at its default, prob
         assert loaded["combine"] == "embed" and loaded["metrics"] == trained["metrics"]
         assert loaded["metrics_by_combine"] == trained["metrics_by_combine"]
+
+    def test_after_every_cache_file_was_cut_short_a_run_says_so_and_equals_a_cold_run(self, mini_root, tmp_path,
+                                                                                       monkeypatch, capsys):
+        """Image features, LLM embeddings and stage 1's maps: each file truncated, as a full disk leaves it."""
+        cold, cold_prompt = run_method("demul", mini_root, tmp_path / "a", tmp_path / "cache", monkeypatch=monkeypatch)
+        damaged = sorted((tmp_path / "cache").rglob("*.pt"))
+        assert {p.parent.name for p in damaged} >= {"eurosat", "llm", "demul"}
+        for path in damaged:
+            DAMAGES["truncated"](path)
+        capsys.readouterr()
+        again, prompt = run_method("demul", mini_root, tmp_path / "b", tmp_path / "cache", monkeypatch=monkeypatch)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: cache file")]
+        assert len(warnings) == len(damaged)  # one line per file, naming it
+        for path in damaged:
+            assert [w for w in warnings if w.startswith(f"warning: cache file {path} cannot be read (") and
+                    w.endswith("); it will be recomputed and replaced")], (path, warnings)
+        assert again["metrics"] == cold["metrics"] and not again["pretrain"]["reused"]
+        assert again["train"]["loss_per_epoch"] == cold["train"]["loss_per_epoch"]
+        assert again["final_loss_terms"] == cold["final_loss_terms"]
+        for key, value in cold_prompt.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, prompt[key]), key
+        for path in damaged:
+            torch.load(path)  # replaced by whole files
+        assert not list(tmp_path.rglob("*.tmp*"))
 
     def test_prompt_weights_and_l1_term_by_hand(self):
         raw = torch.tensor([[0.3, -0.4, 0.0], [1.0, 1.0, 2.0]])
@@ -2739,6 +3392,42 @@ class TestSweeps:
         with pytest.raises(SystemExit) as exit_:
             sweep.main(["summarize", str(tmp_path)])
         assert str(exit_.value.code).startswith(f"error: no results.json under {tmp_path}")
+
+    @needs_dev_full
+    @pytest.mark.parametrize("target", ["summary.md", "curve"])
+    def test_a_summary_onto_a_full_disk_is_one_message_and_keeps_the_previous_one(self, tmp_path, target, capsys):
+        write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 50.0})
+        sweep.main(["summarize", str(tmp_path)])
+        path = tmp_path / "summary.md" if target == "summary.md" else next(tmp_path.glob("curve_*.png"))
+        before = path.read_bytes()
+        write_fake_result(tmp_path, "coop", "fewshot", 2, 1, {"accuracy": 60.0})  # a new summary to write
+        disk_full_at(path)
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["summarize", str(tmp_path)])
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: cannot write {path}: No space left on device; ") and "\n" not in message
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
+
+    def test_summarize_names_a_damaged_results_file_and_what_to_do(self, tmp_path):
+        write_fake_result(tmp_path, "coop", "fewshot", 1, 1, {"accuracy": 50.0})
+        path = next(tmp_path.rglob("results.json"))
+        path.write_text(path.read_text()[:40])  # cut short
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["summarize", str(tmp_path)])
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: cannot read {path}: ") and "Delete it" in message and "\n" not in message
+
+    @needs_dev_full
+    def test_a_run_log_that_cannot_be_written_stops_the_sweep_with_one_message(self, mini_root, tmp_path):
+        runs = tmp_path / "runs"
+        log = runs / "logs" / "coop" / "eurosat" / "fewshot" / "shots_1_seed_1.log"
+        log.parent.mkdir(parents=True)
+        log.symlink_to("/dev/full")  # appending to it fails as on a full disk
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["run", "--methods", "coop", "--shots", "1", "--seeds", "1", "--output", str(runs),
+                        *sweep_run_flags(mini_root, tmp_path / "cache")])
+        assert str(exit_.value.code).startswith(f"error: cannot write {log}: No space left on device; ")
+        assert not list(runs.rglob("results.json"))
 
     def test_an_interrupted_sweep_reruns_only_the_missing_runs(self, interrupted_sweep):
         runs, at_kill, out = interrupted_sweep
