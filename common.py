@@ -1258,16 +1258,18 @@ def write_results(out, exp, method, metrics, extra):
     return result
 
 
-def main_seeds(args, method, run_one):
-    """Run run_one(args, seed) -> metrics for each seed; print a summary (mean ± std over seeds)."""
+def main_seeds(args, method, run_one, label=""):
+    """Run run_one(args, seed) -> metrics for each seed; print a summary (mean ± std over seeds). label: what every
+    accuracy line must say about how it was measured (EMPL: which test)."""
     seeds = args.seeds or [args.seed]
     all_metrics = []
+    label = f"  [{label}]" if label else ""
     try:
         for seed in seeds:
             metrics = run_one(args, seed)
             note = "  (random weights: meaningless)" if args.pretrained == "none" else ""
             print(f"{method} {args.dataset} {args.protocol} {args.shots}-shot seed {seed}: " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + note)
+                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + label + note)
             all_metrics.append(metrics)
     except (UserError, data.DataError) as err:
         sys.exit(f"error: {err}")
@@ -1276,5 +1278,5 @@ def main_seeds(args, method, run_one):
     if len(seeds) > 1:
         for key in all_metrics[0]:
             values = np.array([m[key] for m in all_metrics])
-            print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}")
+            print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}" + label)
     return all_metrics
