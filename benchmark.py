@@ -522,10 +522,10 @@ def prompted_setting(args):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before, _ = rss_mb()
     reset_peak()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats + 1):  # the first is a warm-up
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with common.autocast(device, clip.precision):
             loss = loss_fn()
         opt.zero_grad()
@@ -533,10 +533,12 @@ def prompted_setting(args):
         opt.step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # CPU seconds of all threads: less hurt by other jobs
     _, peak = rss_mb()
     clip_grads = sum(p.grad.numel() * p.grad.element_size() for p in clip.model.parameters() if p.grad is not None)
     print(json.dumps({"setting": setting, "backbone": args.backbone, "batch": batch, "classes": classes,
                       "step_s": max(times[1:]), "step_s_per_image": max(times[1:]) / batch,
+                      "step_cpu_s": max(cpu_times[1:]), "step_cpu_s_per_image": max(cpu_times[1:]) / batch,
                       "rss_before_mb": before, "step_peak_mb": peak, "step_extra_mb": peak - before,
                       "clip_grad_mb": clip_grads / 2**20, "trainable": sum(p.numel() for p in model.trainable())}))
 

@@ -2194,7 +2194,7 @@ class TestPromptSRC:
         ce = F.cross_entropy(logits, labels)
         assert float(total.detach()) == pytest.approx(float(ce) + sum(hand.values()), rel=1e-4)
         reweighted = promptsrc.promptsrc_loss(model, images, frozen, labels, text_weight=5.0)
-        assert float(total - reweighted) == pytest.approx(hand["text"] * 20 / 25, rel=1e-4)  # the weight is used
+        assert float((total - reweighted).detach()) == pytest.approx(hand["text"] * 20 / 25, rel=1e-4)  # the weight is used
 
     def test_with_prompts_that_change_nothing_every_term_is_zero(self, clip):
         """Zero-length prompts: the prompted towers are the frozen ones, so against the frozen tower's own
