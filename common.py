@@ -29,6 +29,7 @@ What differs, and why:
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -942,6 +943,35 @@ def _read_features(path):
 # ==================================================================================================
 # (6) Running an experiment: the experiment object, the command line, the run folder, results files.
 # ==================================================================================================
+# Memory on the CPU with glibc (Linux). torch allocates every tensor with posix_memalign(64, n). glibc's mmap
+# threshold is dynamic: freeing a mapped chunk raises it to that chunk's size (up to 32 MB), so activations of a few
+# MB (ViT-B/32 at batch 32: 5-20 MB each) are then cut from the heap, where glibc's memalign (2.36 on the machine
+# measured) seldom reuses a freed aligned chunk for the next aligned request of the same size once a small
+# allocation sits beside it (sourceware bug 14581). Whether that happens depends on where chunks happen to lie,
+# which differs between identical runs (even in a script without a loader: address-space randomisation and Python's
+# hash seed move them): in some runs the heap grew by about one freed activation per batch and never shrank, so
+# identical cold runs peaked at different heights. A fixed threshold (setting it turns the dynamic one off) gives
+# every allocation of 1 MB or more a mapping of its own, returned to the system when the tensor is freed; smaller
+# ones stay in the heap, where such holes cost little. It is set when this module is imported: before any model is
+# loaded, and inherited by the DataLoader workers, which are forked later.
+MMAP_THRESHOLD = 1 << 20
+
+
+def fix_mmap_threshold(nbytes=MMAP_THRESHOLD):
+    """Fix glibc's mmap threshold at nbytes (see above). True if set; False where the C library is not glibc
+    (macOS, Windows, musl: other allocators, left as they are)."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or no such name (macOS, musl)
+        return False
+    M_MMAP_THRESHOLD = -3  # <malloc.h>
+    return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+
+
+fix_mmap_threshold()
+
+
 @dataclass
 class EvalSet:
     dataset: str      # the dataset its images come from (the training one, or an --eval-on target)

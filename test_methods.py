@@ -3,6 +3,7 @@ code paths; learning is proven on planted tasks whose answer is known; real Euro
 from ../shared/data are used when present (skipped with a reason otherwise)."""
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -12,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import random
 import re
 import shutil
@@ -1574,6 +1576,31 @@ class TestFeatureCache:
         assert sorted(stored["rel"]) == sorted(it.rel for it in items)
         value = dict(zip(stored["rel"], stored["feats"][:, 0].tolist()))
         assert [value[it.rel] for it in items] == list(range(40))
+
+    @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                        reason="glibc's malloc only (mallinfo2: glibc 2.33 or later)")
+    def test_a_large_tensor_never_grows_the_heap(self):
+        """With glibc, a tensor of 1 MB or more that the heap has no room for gets a mapping of its own (given
+        back when it is freed) instead of growing the heap, even after a larger tensor was freed. glibc's
+        dynamic mmap threshold had risen with that free, so later activations grew the heap, where freed ones
+        were often left unused: identical cold runs peaked at different heights (see common.MMAP_THRESHOLD).
+        A fresh process, as a run is; mallinfo2's fordblks counts all the heap's free room, top included."""
+        script = "\n".join([
+            "import ctypes, common, torch",
+            "class MallInfo2(ctypes.Structure):",
+            "    _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',",
+            "               'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]",
+            "mallinfo2 = ctypes.CDLL(None).mallinfo2",
+            "mallinfo2.restype = MallInfo2",
+            "torch.empty(24 << 20, dtype=torch.uint8)  # made and freed: lifts a dynamic threshold to 24 MB",
+            "before = mallinfo2()",
+            "x = torch.empty(before.fordblks + (2 << 20), dtype=torch.uint8)  # more than the heap has free",
+            "after = mallinfo2()",
+            "print(x.numel(), after.arena - before.arena, after.hblkhd - before.hblkhd)"])
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        size, heap_growth, mapped = map(int, proc.stdout.split()[-3:])
+        assert heap_growth == 0 and mapped >= size
 
     def test_an_unreadable_image_stops_the_run_with_one_message_naming_it(self, tmp_path, capsys):
         root = make_mini_eurosat(tmp_path / "data")
