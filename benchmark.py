@@ -16,8 +16,8 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     tower's own forward and backward and against CoOp's step with the image pass (see prompted_cost);
   * with --gpu-check, every method once for real on --device (bf16 and fp16; see gpu_check): the prepared GPU
     check, which runs on the CPU too (--device cpu --backbone tiny);
-  * with --memory, only memory: the peak resident memory of a cold and a warm coop.py run loading the
-    backbone from a weights file, and of each phase of such a run (see memory);
+  * with --memory, only memory: the peak resident memory of cold and warm coop.py runs loading the backbone
+    from a weights file, and of each phase of such a run, the maximum of --memory-runs runs each (see memory);
   * with --grid, only the image-tower work of a small paper grid: passes made against the official code's,
     cold and then warm (see grid).
 
@@ -120,39 +120,78 @@ def coop_argv(args, weights, data_root, cache, out):
 
 def memory(args, root):
     """Peak resident memory (CPU) of coop.py loading --backbone from a weights file, --shots 16, 3 epochs, a
-    fresh view every epoch: a cold run (empty cache) and a warm one (all features cached), each a process of
-    its own, and the phases of a cold run (a fresh interpreter, the peak reset before each phase)."""
+    fresh view every epoch: --memory-runs cold runs (each on an empty cache of its own) and as many warm ones (on
+    the last cold run's filled cache), each a process of its own, and the phases of --memory-runs cold runs (each
+    a fresh interpreter, the peak reset before each phase). Reported: every run's peak and the maximum, not the
+    best: a figure must hold for every run, and identical runs have peaked at very different heights (where
+    freed memory lands depends on the address-space layout, which changes from run to run; see
+    common.MMAP_THRESHOLD)."""
     weights, data_root = random_weights_file(args.backbone, root), subset_root(args, root / "data")
-    runs = {}
-    for label in ("cold", "warm"):
-        log = root / f"{label}.log"  # a file, not a pipe: a long run's progress bars would fill a pipe and block
-        with open(log, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "coop.py", *coop_argv(args, weights, data_root, root / "cache",
-                                                                             root / f"runs_{label}")],
-                                    cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=stderr)
-            start = time.perf_counter()
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
-        runs[label] = {"peak_mb": usage.ru_maxrss // 1024, "seconds": time.perf_counter() - start,
-                       "exit": os.waitstatus_to_exitcode(status)}
-        if runs[label]["exit"] != 0:
-            raise SystemExit(f"the {label} coop.py run failed: {log.read_text().strip().splitlines()[-1:]} ({log})")
+    runs = {"cold": [], "warm": []}
+    for i in range(args.memory_runs):
+        runs["cold"].append(coop_run(args, weights, data_root, root, root / f"cache{i}", f"cold{i}"))
+    for i in range(args.memory_runs):  # on the last cold run's cache, where every feature is
+        runs["warm"].append(coop_run(args, weights, data_root, root, root / f"cache{args.memory_runs - 1}", f"warm{i}"))
+    phases = [phases_run(args, data_root, root, i) for i in range(args.memory_runs)]
+    return {"runs": {label: {"max_peak_mb": max(r["peak_mb"] for r in rs), "peaks_mb": [r["peak_mb"] for r in rs],
+                             "max_main_peak_mb": max(r["main_peak_mb"] for r in rs),
+                             "main_peaks_mb": [r["main_peak_mb"] for r in rs],
+                             "seconds": [round(r["seconds"], 1) for r in rs]} for label, rs in runs.items()},
+            "phases": {name: {key: max(p[name][key] for p in phases) for key in ("peak_mb", "after_mb")}
+                       | {"peaks_mb": [p[name]["peak_mb"] for p in phases]} for name in phases[0]},
+            "runs_each": args.memory_runs, "test_images": args.images or "all",
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "libc": " ".join(platform.libc_ver()), "versions": common.versions(),
+            "weights_file_mb": weights.stat().st_size // 2**20}
+
+
+# Runs a script as __main__ in this interpreter (argv: the file to write the peak to, the script, its arguments) and
+# writes the peak resident memory of this process alone (VmHWM, kB) when it exits. os.wait4 gives the peak of the
+# largest process of a run, which may be a loader worker; the official CoOp's figure is its main process's.
+MAIN_PEAK = """import atexit, runpy, sys
+def report(path=sys.argv[1]):
+    with open(path, "w") as f:
+        f.write(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+atexit.register(report)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def coop_run(args, weights, data_root, root, cache, label):
+    """One coop.py run as a process of its own: the peak resident memory (MB) of its largest process (coop.py's
+    own or a loader worker's, reaped by coop.py) and of coop.py's own process, and its seconds."""
+    log, main_peak = root / f"{label}.log", root / f"{label}.main_peak_kb"
+    with open(log, "w") as stderr:  # a file, not a pipe: a long run's progress bars would fill a pipe and block
+        proc = subprocess.Popen([sys.executable, "-c", MAIN_PEAK, str(main_peak), "coop.py",
+                                 *coop_argv(args, weights, data_root, cache, root / f"runs_{label}")],
+                                cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=stderr)
+        start = time.perf_counter()
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the {label} coop.py run failed: {log.read_text().strip().splitlines()[-1:]} ({log})")
+    return {"peak_mb": usage.ru_maxrss // 1024, "main_peak_mb": int(main_peak.read_text()) // 1024,
+            "seconds": time.perf_counter() - start}
+
+
+def phases_run(args, data_root, root, i):
+    """memory_phases in a fresh interpreter, on a cache of its own: {phase: {peak_mb, after_mb}}."""
     phases = subprocess.run([sys.executable, __file__, "--memory-phases", "--backbone", args.backbone, "--dataset",
                              args.dataset, "--shots", str(args.shots), "--data-root", data_root, "--workers",
-                             str(args.workers), "--output", str(root)],
+                             str(args.workers), "--output", str(root), "--phases-dir", f"phases{i}"],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
     if phases.returncode != 0:
         raise SystemExit(f"the phases run failed: {phases.stderr.strip().splitlines()[-3:]}")
-    return {"runs": runs, "phases": json.loads(phases.stdout.strip().splitlines()[-1]),
-            "test_images": args.images or "all", "weights_file_mb": weights.stat().st_size // 2**20}
+    return json.loads(phases.stdout.strip().splitlines()[-1])
 
 
 def memory_phases(args):
     """Run in a fresh interpreter by memory(): the peak of each phase of a cold coop.py run, in order, on
-    memory()'s weights file (--output: memory()'s folder) and a cache of its own."""
+    memory()'s weights file (--output: memory()'s folder) and an empty cache of its own (--phases-dir)."""
     now, _ = rss_mb()
     phases = {"imports (torch, torchvision, open_clip)": {"peak_mb": now, "after_mb": now}}
     weights = Path(args.output) / f"{args.backbone}_random_weights.bin"
-    root = Path(args.output) / "phases"
+    root = Path(args.output) / args.phases_dir
 
     def phase(name, fn):
         reset_peak()
@@ -642,10 +681,15 @@ def measure():
     p.add_argument("--gpu-check-epochs", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="only memory: cold and warm coop.py runs and their phases "
                                                          "(--images N keeps N test images; 0 = all)")
+    p.add_argument("--memory-runs", type=int, default=5, help="--memory: cold runs, warm runs and phase runs, each; "
+                                                              "the maximum peak of each kind is reported")
     p.add_argument("--memory-phases", action="store_true", help=argparse.SUPPRESS)  # memory()'s fresh interpreter
+    p.add_argument("--phases-dir", default="phases", help=argparse.SUPPRESS)  # its cache's folder under --output
     p.add_argument("--grid", action="store_true", help="only the image-tower passes of a small paper grid")
     p.add_argument("--grid-epochs", type=int, default=2, help="epochs of every run of --grid")
     args = p.parse_args()
+    if args.memory_runs < 1:
+        p.error("--memory-runs must be at least 1")
     if args.memory_phases:
         return memory_phases(args)
     if args.cocoop_setting:
