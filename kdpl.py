@@ -5,7 +5,7 @@ Any prompt learner on a small CLIP (the student) is trained WITHOUT LABELS: a la
 classifies each training image zero-shot, and the student matches its distribution. KDPL replaces the
 student's cross-entropy by this distillation and keeps everything else of the student (prompts, recipe).
     l_T = s * cos(f_T(x), g_T("template(class)"))      teacher logits, with the STUDENT's logit scale s
-    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe: theirs)
+    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe, PromptSRC: theirs)
     K   = top-K classes of mean_b softmax(l_T)            per batch
     L   = 1/2 KL(p_T || p_S) + 1/2 KL(p_S || p_T)        p = softmax over the K selected classes
 The paper's equations were not readable to us: the loss and the selection follow the official code, pinned:
