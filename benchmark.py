@@ -9,9 +9,10 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     epochs on the real few-shot images; the test split gets placeholder features so that evaluation
     does not encode thousands of images: the accuracy of these runs is meaningless by construction);
   * with --empl-cost, only EMPL's training step and evaluation relative to CoOp's (see empl_cost);
+  * with --empl-total, only CoOp + EMPL end to end through their command lines, CoOp first (see empl_total);
   * with --cocoop-cost, only CoCoOp's training step, evaluation and peak memory against CoOp's, for EuroSAT's
     10 classes and ImageNet's 1,000 (see cocoop_cost);
-  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe) against the frozen
+  * with --prompted-cost, only the training step of the prompted-tower students (VPT, MaPLe, PromptSRC) against the frozen
     tower's own forward and backward and against CoOp's step with the image pass (see prompted_cost);
   * with --gpu-check, every method once for real on --device (bf16 and fp16; see gpu_check): the prepared GPU
     check, which runs on the CPU too (--device cpu --backbone tiny);
@@ -23,6 +24,7 @@ Measures, for one backbone (random weights are fine: speed does not depend on th
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --images 256 --device cpu
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --methods coop mopd kdpl demul empl
     python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-cost --repeats 2
+    python benchmark.py --backbone ViT-B-16 --data-root ../shared/data --empl-total --empl-total-views 1 --repeats 2
     python benchmark.py --backbone ViT-B-16 --cocoop-cost --repeats 2
     python benchmark.py --backbone ViT-B-32 --prompted-cost --repeats 3
     python benchmark.py --gpu-check --data-root ../shared/data          # on a CUDA machine: ViT-B/16, < 8 min on an H100
@@ -50,6 +52,7 @@ import coop
 import data
 import empl
 import maple
+import promptsrc
 import vpt
 
 
@@ -82,8 +85,7 @@ def random_weights_file(backbone, root):
     """A checkpoint file of random weights, so that runs load from a file as offline users do."""
     path = root / f"{backbone}_random_weights.bin"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.save(common.load_clip(backbone, "none").model.state_dict(), path)
+        common.save_atomic(common.load_clip(backbone, "none").model.state_dict(), path)
     return path
 
 
@@ -106,7 +108,7 @@ def subset_root(args, root):
         link = root / src.folder / entry.relative_to(source)
         if not link.exists():
             link.symlink_to(entry)
-    (root / src.folder / split_file.name).write_text(json.dumps(split))
+    common.write_atomic(root / src.folder / split_file.name, lambda tmp: tmp.write_text(json.dumps(split)))
     return str(root)
 
 
@@ -305,7 +307,8 @@ def interleaved(fns, repeats, device):
 def empl_cost(args, ds, clip, device):
     """EMPL's training step and evaluation relative to CoOp's, in the base-to-new setting on the base classes of
     --dataset: 4 context tokens from "a photo of a", a batch of 32 holding every base class, EMPL's defaults
-    (5 SGLD steps in the top 2 text blocks, 8 unseen words per task, 2 chains per test batch of 100).
+    (5 SGLD steps in the top 2 text blocks, 8 unseen words per task, 2 test chains: drawn once from the training
+    images, the default; per test batch of 100, transductive; or per test image, with image chains).
     Two ways: over cached features, and adding the image-tower pass that the official CoOp code pays every
     step (the 32 training images) and at test (every test image); that pass is timed once on 32 images and
     added to both sides. CoOp's evaluation is the official one: its C prompts encoded per test batch.
@@ -345,24 +348,22 @@ def empl_cost(args, ds, clip, device):
                 coop_model.logits(batch).float()
 
     stats = {}
-    def empl_eval(chain, condition=None):
+    def empl_eval(name, chain, condition):  # condition: the training features, "image" or "batch" (empl.predict)
         def run():
             with torch.no_grad(), common.autocast(device, clip.precision):
-                empl.predict(models[chain], names, test, 2, noise_gen, 100, condition, stats.setdefault(
-                    (chain, condition is not None), {}))
+                empl.predict(models[chain], names, test, 2, noise_gen, 100, condition, stats.setdefault(name, {}))
         return run
 
     with torch.no_grad(), common.autocast(device, clip.precision):
         image_pass = interleaved({"image_pass_32": lambda: clip.model.encode_image(images)}, args.repeats, device)
     steps = interleaved({"coop": train_step([coop_model.ctx], lambda: coop.coop_loss(coop_model, x, y)),
                          "empl_task": empl_step("task"), "empl_image": empl_step("image")}, args.repeats, device)
-    evals = interleaved({"coop": coop_eval, "empl_task": empl_eval("task"),
-                         "empl_task_train_condition": empl_eval("task", train),
-                         "empl_image": empl_eval("image")}, args.repeats, device)
+    evals = interleaved({"coop": coop_eval, **{name: empl_eval(name, chain, condition) for name, chain, condition in [
+        ("empl_task_train_condition", "task", train), ("empl_task_batch_condition", "task", "batch"),
+        ("empl_image_image_condition", "image", "image")]}}, args.repeats, device)
     img32, img_test = image_pass["image_pass_32"], image_pass["image_pass_32"] * n_test / 32
     batches = -(-n_test // 100)
-    prompts = {"coop": C * batches, **{f"empl_{chain}" + ("_train_condition" if cond else ""): v["prompts_sampled"]
-                                       for (chain, cond), v in stats.items()}}
+    prompts = {"coop": C * batches, **{name: v["prompts_sampled"] for name, v in stats.items()}}
     return {
         "setting": {"base_classes": C, "batch": 32, "unseen_words": 8, "sgld_steps": 5, "sgld_layers": 2,
                     "test_chains": 2, "test_batch": 100, "test_images": n_test, "repeats": args.repeats,
@@ -376,6 +377,50 @@ def empl_cost(args, ds, clip, device):
                                        for k, v in evals.items() if k != "coop"},
         "prompts_encoded_at_test": prompts, "test_batches": batches,
         "prompts_at_test_vs_coop": {k: v / prompts["coop"] for k, v in prompts.items() if k != "coop"}}
+
+
+def empl_total(args, ds, clip, device, root):
+    """CoOp + EMPL as the paper runs them, through their command lines: coop.py base-to-new, then empl.py --init-from
+    its prompt.pt (--shots, the methods' default epochs), each its own process on one feature cache, --repeats times
+    (each time a fresh cache). Per run: wall time, training and evaluation net of feature extraction, feature
+    extraction and images encoded (results.json). --empl-total-views 0 is the protocol (a fresh view per epoch, the
+    real test set); K > 0 cycles K cached views and gives the test split placeholder features, which times the text
+    side alone (the evaluation's accuracy is then meaningless)."""
+    reps = []
+    for rep in range(args.repeats):
+        cache, runs = root / f"cache_{rep}", root / f"runs_{rep}"
+        if args.empl_total_views:
+            common.FeatureCache(cache).put(clip, ds.name, ds.test, "test", torch.randn(len(ds.test), clip.embed_dim))
+        prompt = runs / "coop" / ds.name / "base2new" / f"shots_{args.shots}" / "seed_1" / "prompt.pt"
+        found = {}
+        for method, flags in (("coop", []), ("empl", ["--init-from", str(prompt)])):
+            cmd = [sys.executable, f"{method}.py", "--dataset", ds.name, "--shots", str(args.shots), "--protocol",
+                   "base2new", "--backbone", args.backbone, "--pretrained", "none", "--data-root", args.data_root,
+                   "--no-download", "--aug-views", str(args.empl_total_views), "--device", str(device), "--precision",
+                   clip.precision, "--workers", str(args.workers), "--cache-dir", str(cache), "--output", str(runs),
+                   *flags]
+            start, cpu, load = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+            res = json.loads(next((runs / method).rglob("results.json")).read_text())
+            t = res["times"]
+            found[method] = {"wall_s": wall, "cpu_s": after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime,
+                             "load_average_1min": [load, os.getloadavg()[0]], "epochs": res["config"]["epochs"],
+                             "training_s": t["training_s"],
+                             "evaluation_s": t["evaluation_s"], "feature_extraction_s": t["feature_extraction_s"],
+                             "images_encoded": t["images_encoded"], "steps_per_epoch": res["train"]["steps_per_epoch"]}
+        found["total_wall_s"] = found["coop"]["wall_s"] + found["empl"]["wall_s"]
+        reps.append(found)
+    worst = lambda *key: max(r[key[0]] if len(key) == 1 else r[key[0]][key[1]] for r in reps)
+    return {"setting": {"dataset": ds.name, "protocol": "base2new", "shots": args.shots, "backbone": args.backbone,
+                        "weights": "random", "aug_views": args.empl_total_views,
+                        "test_features": "placeholders" if args.empl_total_views else "encoded",
+                        "repeats": args.repeats, "torch_threads": torch.get_num_threads()},
+            "repeats": reps, "worst": {"total_wall_s": worst("total_wall_s"),
+                                       **{f"{m}_{k}": worst(m, k) for m in ("coop", "empl")
+                                          for k in ("wall_s", "cpu_s", "training_s", "evaluation_s")}}}
 
 
 COCOOP_SETTINGS = [  # (method, batch, classes, gradient checkpointing): a training step of each, in its own process
@@ -456,7 +501,7 @@ def cocoop_setting(args):
                       "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}))
 
 
-PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple"]
+PROMPTED_SETTINGS = ["tower_forward_backward", "coop_with_image_pass", "vpt", "maple", "promptsrc"]
 
 
 def prompted_cost(args):
@@ -501,17 +546,21 @@ def prompted_setting(args):
     elif setting == "vpt":
         model = vpt.VPT(clip, names, 8, depth)  # VPT's config: 8 tokens in every layer
         loss_fn = lambda: vpt.vpt_loss(model, images, labels)
-    else:
+    elif setting == "maple":
         model = maple.MaPLe(clip, names, 2, min(9, depth))  # MaPLe's: 2 tokens, depth 9
         loss_fn = lambda: maple.maple_loss(model, images, labels)
+    else:
+        model = promptsrc.PromptSRC(clip, names, 4, min(9, depth))  # PromptSRC's: 4 tokens, depth 9
+        frozen = torch.randn(batch, clip.embed_dim, generator=gen).to(device)  # the cache's frozen features
+        loss_fn = lambda: promptsrc.promptsrc_loss(model, images, frozen, labels)
     opt = torch.optim.SGD(model.trainable(), lr=0.002, momentum=0.9)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before, _ = rss_mb()
     reset_peak()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats + 1):  # the first is a warm-up
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with common.autocast(device, clip.precision):
             loss = loss_fn()
         opt.zero_grad()
@@ -519,10 +568,12 @@ def prompted_setting(args):
         opt.step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # CPU seconds of all threads: less hurt by other jobs
     _, peak = rss_mb()
     clip_grads = sum(p.grad.numel() * p.grad.element_size() for p in clip.model.parameters() if p.grad is not None)
     print(json.dumps({"setting": setting, "backbone": args.backbone, "batch": batch, "classes": classes,
                       "step_s": max(times[1:]), "step_s_per_image": max(times[1:]) / batch,
+                      "step_cpu_s": max(cpu_times[1:]), "step_cpu_s_per_image": max(cpu_times[1:]) / batch,
                       "rss_before_mb": before, "step_peak_mb": peak, "step_extra_mb": peak - before,
                       "clip_grad_mb": clip_grads / 2**20, "trainable": sum(p.numel() for p in model.trainable())}))
 
@@ -534,6 +585,8 @@ GPU_CHECK_METHODS = {  # method -> its command's own flags (a random ViT-B/32 te
     "kdpl_cocoop": ("kdpl.py", ["--student", "cocoop", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_vpt": ("kdpl.py", ["--student", "vpt", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "kdpl_maple": ("kdpl.py", ["--student", "maple", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc", "--teacher", "ViT-B-32", "--teacher-pretrained", "none"]),
     "mopd": ("mopd.py", []), "demul": ("demul.py", ["--llm", "minilm", "--pretrain-names", "2000"]),
     "empl": ("empl.py", ["--vocab", "imagenet"])}
 
@@ -584,7 +637,18 @@ def gpu_check(args):
             if torch.cuda.is_available() and args.device != "cpu" else None, "rows": rows, "table": lines}
 
 
+def write_json(path, result):
+    common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+
 def main():
+    try:
+        measure()
+    except (common.UserError, data.DataError) as err:  # a full disk, a missing dataset: one message
+        sys.exit(f"error: {err}")
+
+
+def measure():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="ViT-B-16")
     p.add_argument("--dataset", default="eurosat")
@@ -599,6 +663,9 @@ def main():
     p.add_argument("--methods", nargs="*", default=[], help="also time these methods' training (coop mopd ...)")
     p.add_argument("--empl-cost", action="store_true", help="only EMPL's step and evaluation cost relative to CoOp's")
     p.add_argument("--empl-test-images", type=int, default=200, help="test images of --empl-cost's evaluation")
+    p.add_argument("--empl-total", action="store_true", help="only CoOp + EMPL's command lines, one after the other")
+    p.add_argument("--empl-total-views", type=int, default=0,
+                   help="--empl-total: 0 = the protocol's fresh views; K > 0 = K cached views, placeholder test features")
     p.add_argument("--cocoop-cost", action="store_true", help="only CoCoOp's step, evaluation and memory against CoOp's")
     p.add_argument("--cocoop-test-images", type=int, default=8, help="test images of --cocoop-cost's evaluation")
     p.add_argument("--cocoop-setting", nargs=4, help=argparse.SUPPRESS)  # cocoop_cost's fresh interpreter
@@ -632,9 +699,7 @@ def main():
             args.images = 500
         result = prompted_cost(args) if args.prompted_cost else gpu_check(args)
         name = "prompted_cost" if args.prompted_cost else "gpu_check"
-        out = Path(args.output) / f"{name}_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"{name}_{args.backbone}_{args.device}.json", result)
         if args.prompted_cost:
             print(json.dumps(result, indent=1))
         return
@@ -642,17 +707,14 @@ def main():
         result = {"backbone": args.backbone, "device": args.device, "precision": args.precision,
                   "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                   "repeats": args.repeats, "settings": cocoop_cost(args)}
-        out = Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / f"cocoop_cost_{args.backbone}_{args.device}.json", result)
         print(json.dumps(result, indent=1))
         return
     if args.memory or args.grid:
         root = Path(args.output) / "tmp" / str(time.time_ns())
         result = memory(args, root) if args.memory else grid(args, root)
         name = f"{'memory' if args.memory else 'grid'}_{args.backbone}_{args.dataset}.json"
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / name).write_text(json.dumps(result, indent=1))
+        write_json(Path(args.output) / name, result)
         print(json.dumps(result, indent=1))
         return
     device = common.resolve_device(args.device)
@@ -662,11 +724,16 @@ def main():
               "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": common.versions()}
-    if args.empl_cost:
-        result["empl_cost"] = empl_cost(args, ds, clip, device)
-        out = Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json"
+    if args.empl_total:
+        result["empl_total"] = empl_total(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
+        out = Path(args.output) / f"empl_total_{args.backbone}_{ds.name}_views{args.empl_total_views}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["empl_total"], indent=1))
+        return
+    if args.empl_cost:
+        result["empl_cost"] = empl_cost(args, ds, clip, device)
+        write_json(Path(args.output) / f"empl_cost_{args.backbone}_{ds.name}_{device.type}.json", result)
         print(json.dumps(result["empl_cost"], indent=1))
         return
 
@@ -716,9 +783,7 @@ def main():
         result["methods"] = method_timings(args, ds, clip, device, Path(args.output) / "tmp" / str(time.time_ns()))
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(Path(args.output) / f"{args.backbone}_{ds.name}_{device.type}.json", result)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "versions"},
                      indent=1))
 

@@ -30,12 +30,14 @@ What differs, and why:
 import argparse
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -56,34 +58,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-
-# Memory on the CPU with glibc (Linux). torch allocates every tensor with posix_memalign(64, n). glibc's mmap
-# threshold is dynamic: freeing a mapped chunk raises it to that chunk's size (up to 32 MB), so activations of a few
-# MB (ViT-B/32 at batch 32: 5-20 MB each) are then cut from the heap, where glibc's memalign (2.36 on the machine
-# measured) seldom reuses a freed aligned chunk for the next aligned request of the same size once a small
-# allocation sits beside it (sourceware bug 14581). Whether that happens depends on where chunks happen to lie,
-# which differs between identical runs (even in a script without a loader: address-space randomisation and Python's
-# hash seed move them): in some runs the heap grew by about one freed activation per batch and never shrank, so
-# identical cold runs peaked at different heights. A fixed threshold (setting it turns the dynamic one off) gives
-# every allocation of 1 MB or more a mapping of its own, returned to the system when the tensor is freed; smaller
-# ones stay in the heap, where such holes cost little. It is set when this module is imported: before any model is
-# loaded, and inherited by the DataLoader workers, which are forked later.
-MMAP_THRESHOLD = 1 << 20
-
-
-def fix_mmap_threshold(nbytes=MMAP_THRESHOLD):
-    """Fix glibc's mmap threshold at nbytes (see above). True if set; False where the C library is not glibc
-    (macOS, Windows, musl: other allocators, left as they are)."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or no such name (macOS, musl)
-        return False
-    M_MMAP_THRESHOLD = -3  # <malloc.h>
-    return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes) == 1
-
-
-fix_mmap_threshold()
 
 
 class UserError(Exception):
@@ -221,6 +195,20 @@ def words_to_embeddings(clip, words):
     n = int(eot_positions(tokens)[0]) - 1
     with torch.no_grad():
         return clip.text.token_embedding(tokens)[0, 1:1 + n].float().clone()
+
+
+def context_from_words(clip, ctx_init, n_ctx, gen):
+    """(ctx (n, d), frozen words) of IVLP / MaPLe / PromptSRC's text context: the first n tokens of the template
+    ctx_init start the context and its other words stay as frozen tokens after it ("a photo of a" with n = 2:
+    "a photo" learned, "of a" frozen); no template, or n beyond it: N(0, 0.02^2) from gen and no frozen words."""
+    words = ctx_init.split()
+    if not ctx_init or n_ctx > len(words):
+        return torch.randn(n_ctx, clip.ctx_dim, generator=gen) * 0.02, ""
+    init = words_to_embeddings(clip, ctx_init)
+    if len(init) != len(words):
+        raise ValueError(f'"{ctx_init}": one token per word is needed to split it into learned and frozen words '
+                         f'({len(init)} tokens for {len(words)} words)')
+    return init[:n_ctx], " ".join(words[n_ctx:])
 
 
 class ClassPrompts:
@@ -456,13 +444,14 @@ def train_step(opt, scaler, loss):
 
 
 def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precision="fp32", seed=1,
-        device="cpu", desc="train", no_decay=()):
+        device="cpu", desc="train", no_decay=(), epoch_end=None):
     """Train `params` (the method's learnable tensors only) with CoOp's recipe.
 
     epoch_data(epoch) returns the tensors of the whole training set for that epoch (e.g. features of
     that epoch's augmented view and the labels); each step gets the same random rows of each, and
-    loss_fn(*rows) returns the scalar loss. Returns per-epoch statistics, with the learning rate the
-    optimiser actually used in each epoch."""
+    loss_fn(*rows) returns the scalar loss; epoch_end(epoch), if given, runs after each epoch's last step
+    (PromptSRC's prompt aggregation). Returns per-epoch statistics, with the learning rate the optimiser
+    actually used in each epoch."""
     device = torch.device(device)
     opt, scaler = optimizer_and_scaler(params, lr, precision, device, no_decay)
     steps = steps_per_epoch(n, batch_size)
@@ -487,6 +476,8 @@ def fit(params, loss_fn, epoch_data, n, epochs, batch_size=32, lr=0.002, precisi
                                 f"or a smaller --lr")
         losses.append(mean_loss)
         lrs.append(opt.param_groups[0]["lr"])
+        if epoch_end is not None:
+            epoch_end(epoch)
         bar.set_postfix(loss=f"{mean_loss:.4f}")
     # A collapsed run (CoOp issue #24) ends with a loss above where the cosine phase started.
     collapsed = len(losses) > 2 and losses[-1] > losses[1] * 1.5
@@ -777,24 +768,87 @@ class ViewImages:
         return images.to(self.device, non_blocking=True)
 
 
+@contextlib.contextmanager
 def locked(path):
-    """A lock file beside path: runs sharing a cache (seeds, a cluster sweep) merge into it one at a time."""
-    return FileLock(f"{path}.lock")
+    """A lock file beside path (its folder made if need be): runs sharing a cache (seeds, a cluster sweep)
+    merge into it one at a time."""
+    lock = FileLock(f"{path}.lock")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:  # a full or read-only filesystem, a file where a folder should be
+        raise UserError(cannot_write(Path(lock.lock_file), err)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def temporary_path(path):
+    """Where write_atomic writes path's new content before renaming it over path (one per process)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def write_atomic(path, write):
     """Every file the project writes goes through here: write(tmp) fills a temporary file beside path, which
-    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    is then renamed over path, so a reader, or an interrupted run, never sees a half-written file. When
+    anything fails, the temporary file is removed and path keeps what it held; an OS error (no space left,
+    a quota, a read-only or vanished folder, no permission) becomes one UserError naming path and the cause."""
+    path, tmp = Path(path), temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # anything else (a bug, a Ctrl-C) goes on as it is; tmp is removed either way
+        raise UserError(f"{cannot_write(path, err)} (a previous {path.name}, if any, is unchanged)") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after a rename; on a failing filesystem, at least we tried
+            tmp.unlink(missing_ok=True)
+
+
+def cannot_write(path, err):
+    """The message for an OSError met while writing path: the path, the system's reason, what to do."""
+    reason = err.strerror or str(err)  # strerror: the reason without the name of a temporary file
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space there (or raise the quota), or write elsewhere"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "make the folder writable, or write elsewhere"
+    else:
+        advice = "check that filesystem, or write elsewhere"
+    return f"cannot write {path}: {reason}; {advice}"
 
 
 def save_atomic(obj, path):
     """torch.save(obj, path), atomically (write_atomic)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # through a Python file: a failed write then raises the OSError that says why (given a path,
+        # torch.save's C++ stream only says "basic_ios::clear: iostream error")
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, write)
+
+
+_reported = set()  # damaged cache files this process has reported (a reader and the writer after it both read)
+
+
+def read_cache(path, parse):
+    """parse(content) of a cache file the project wrote (torch.save), or None when there is none. A cache holds
+    what can be recomputed, so a file that cannot be read -- truncated by a full disk or a quota, damaged on a
+    network filesystem, of another structure -- is reported in one line and treated as absent: the caller
+    recomputes its content, which write_atomic then puts in its place (under the cache's lock)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return parse(torch.load(path, map_location="cpu"))
+    except Exception as err:  # torch.load's many ways to fail on a damaged file, and a wrong structure in parse
+        if path not in _reported:
+            _reported.add(path)
+            why = f"{type(err).__name__}: {err}".splitlines()[0].split(". ")[0][:100].rstrip(": ")  # its gist
+            print(f"warning: cache file {path} cannot be read ({why}); it will be recomputed and replaced",
+                  file=sys.stderr)
+        return None
 
 
 def file_stamp(path):
@@ -811,7 +865,8 @@ class FeatureCache:
     view is "test" (deterministic transform) or an int k (the k-th augmented view).
     An entry is served only while the image file keeps its stamp. Writers take a lock (filelock) and
     merge into what is on disk at that moment, so runs sharing the cache (several seeds, a cluster
-    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically."""
+    sweep on a shared filesystem) never lose each other's entries; the file is replaced atomically. A file
+    that cannot be read (cut short by a full disk, say) is reported and its features are computed again."""
     root: Path
     workers: int = 2
     seconds: float = 0.0   # time spent computing features (not loading them), for results.json
@@ -843,7 +898,6 @@ class FeatureCache:
         (a file replaced while it was being encoded is then encoded again by the next run)."""
         stamps = stamps or {it.rel: file_stamp(it.path) for it in items}
         path = self.path(clip, dataset, view)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with locked(path):
             stored = _read_features(path)  # what other processes added meanwhile
             stored.update({it.rel: (stamps[it.rel], f) for it, f in zip(items, feats.cpu())})
@@ -877,16 +931,49 @@ class FeatureCache:
 
 
 def _read_features(path):
-    """{rel: (stamp, feature)} of a cache file ({} if absent)."""
-    if not path.exists():
-        return {}
-    stored = torch.load(path, map_location="cpu")
-    return {rel: (tuple(stamp), f) for rel, stamp, f in zip(stored["rel"], stored["stamp"], stored["feats"])}
+    """{rel: (stamp, feature)} of a cache file ({} if absent or unreadable: read_cache)."""
+    def parse(stored):
+        rels, stamps, feats = stored["rel"], stored["stamp"], stored["feats"]
+        if not len(rels) == len(stamps) == len(feats):
+            raise ValueError(f"{len(rels)} images, {len(stamps)} stamps, {len(feats)} features")
+        return {rel: (tuple(stamp), f) for rel, stamp, f in zip(rels, stamps, feats)}
+    return read_cache(path, parse) or {}
 
 
 # ==================================================================================================
 # (6) Running an experiment: the experiment object, the command line, the run folder, results files.
 # ==================================================================================================
+# Memory on the CPU with glibc (Linux). torch allocates every tensor with posix_memalign(64, n). glibc's mmap
+# threshold is dynamic: freeing a mapped chunk raises it to that chunk's size (up to 32 MB), so activations of a few
+# MB (ViT-B/32 at batch 32: 5-20 MB each) are then cut from the heap, where glibc's memalign (2.36 on the machine
+# measured) seldom reuses a freed aligned chunk for the next aligned request of the same size once a small
+# allocation sits beside it (sourceware bug 14581). Whether that happens depends on where chunks happen to lie,
+# which differs between identical runs (even in a script without a loader: address-space randomisation and Python's
+# hash seed move them): in some runs the heap grew by about one freed activation per batch and never shrank, so
+# identical cold runs peaked at different heights. A fixed threshold (setting it turns the dynamic one off) gives
+# every allocation of 1 MB or more a mapping of its own, returned to the system when the tensor is freed; smaller
+# ones stay in the heap, where such holes cost little. The price: the kernel faults those pages in afresh at every
+# allocation (about 12 % more CPU time while images are encoded on the CPU; nothing once features are cached). It is
+# set when this module is imported: before any model is loaded, and inherited by the DataLoader workers, which are
+# forked later.
+MMAP_THRESHOLD = 1 << 20
+
+
+def fix_mmap_threshold(nbytes=MMAP_THRESHOLD):
+    """Fix glibc's mmap threshold at nbytes (see above). True if set; False where the C library is not glibc
+    (macOS, Windows, musl: other allocators, left as they are)."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or no such name (macOS, musl)
+        return False
+    M_MMAP_THRESHOLD = -3  # <malloc.h>
+    return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+
+
+fix_mmap_threshold()
+
+
 @dataclass
 class EvalSet:
     dataset: str      # the dataset its images come from (the training one, or an --eval-on target)
@@ -924,7 +1011,7 @@ class Experiment:
         view = epoch % self.n_views if self.n_views > 0 else epoch
         return ViewImages(self.train, self.clip.image_size, view, self.clip.device)
 
-    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc=""):
+    def fit(self, params, loss_fn, epoch_data=None, no_decay=(), desc="", epoch_end=None):
         """common.fit with this run's settings (--epochs, --batch-size, --lr, precision, seed, device) over
         its training set; epoch_data defaults to (that epoch's view features, labels). The training time
         is recorded net of the features computed on the way (augmented views are image-tower work)."""
@@ -932,7 +1019,7 @@ class Experiment:
         start, feature_s = time.perf_counter(), self.cache.seconds
         stats = fit(params, loss_fn, epoch_data, n=len(self.train), epochs=self.args.epochs,
                     batch_size=self.args.batch_size, lr=self.args.lr, precision=self.clip.precision, seed=self.seed,
-                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay)
+                    device=self.clip.device, desc=f"{desc} seed {self.seed}", no_decay=no_decay, epoch_end=epoch_end)
         self.times["training_s"] = time.perf_counter() - start - (self.cache.seconds - feature_s)
         return stats
 
@@ -1117,13 +1204,16 @@ def claim_run_dir(args, method, seed):
 
 
 def check_writable(path, flag):
-    """The folder `path`, or the nearest existing folder above it, must be a writable folder."""
+    """The folder `path`, or the nearest existing folder above it, must be a writable folder with space left."""
     path = Path(path).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+    if shutil.disk_usage(existing).free == 0:  # cheap to see now, rather than when the first file is written
+        raise UserError(f"{flag} {path}: no space left on the filesystem of {existing}; free some space or "
+                        f"choose another {flag}")
 
 
 def _to_cpu(value):
@@ -1200,16 +1290,18 @@ def write_results(out, exp, method, metrics, extra):
     return result
 
 
-def main_seeds(args, method, run_one):
-    """Run run_one(args, seed) -> metrics for each seed; print a summary (mean ± std over seeds)."""
+def main_seeds(args, method, run_one, label=""):
+    """Run run_one(args, seed) -> metrics for each seed; print a summary (mean ± std over seeds). label: what every
+    accuracy line must say about how it was measured (EMPL: which test)."""
     seeds = args.seeds or [args.seed]
     all_metrics = []
+    label = f"  [{label}]" if label else ""
     try:
         for seed in seeds:
             metrics = run_one(args, seed)
             note = "  (random weights: meaningless)" if args.pretrained == "none" else ""
             print(f"{method} {args.dataset} {args.protocol} {args.shots}-shot seed {seed}: " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + note)
+                  ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + label + note)
             all_metrics.append(metrics)
     except (UserError, data.DataError) as err:
         sys.exit(f"error: {err}")
@@ -1218,5 +1310,5 @@ def main_seeds(args, method, run_one):
     if len(seeds) > 1:
         for key in all_metrics[0]:
             values = np.array([m[key] for m in all_metrics])
-            print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}")
+            print(f"{key}: {values.mean():.2f} ± {values.std():.2f} over seeds {seeds}" + label)
     return all_metrics

@@ -217,12 +217,10 @@ def _split_file(key: str, root: str, download: bool) -> str:
         with urllib.request.urlopen(url, timeout=30) as response:
             raw = response.read()
         _check_split(json.loads(raw))  # Drive may answer with an HTML warning or quota page
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target + ".part", "wb") as f:
-            f.write(raw)
-        os.replace(target + ".part", target)  # never leave a half-written split file behind
     except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors, bad JSON a ValueError
         raise DataError(f"could not download {name} (offline?): {e}. Instead {by_hand}") from e
+    import common  # here, as common imports this module: its atomic write is the one every file goes through
+    common.write_atomic(target, lambda tmp: tmp.write_bytes(raw))  # a full disk: one message, no partial file
     return target
 
 

@@ -1,51 +1,42 @@
 """EMPL -- Energy-based Multi-prompt Learning.
 Chen, Huang, Guan, Lin, Luo. "A Retrospect to Multi-prompt Learning across Vision and Language", ICCV 2023,
 arXiv 2511.00191. NO public code exists and the exact text of the paper's equations was not available: this
-file is a RECONSTRUCTION from the paper's description of its method. What the paper states:
+file is a RECONSTRUCTION from the paper's description of its method. What that description states:
   * EMPL is a plug-in on a trained single prompt: frozen CLIP, CoOp's learnable context phi (nothing else
     trains, no extra parameters), initialised from a trained CoOp (or ProDA) checkpoint;
-  * an energy E_phi(X, H; T_i) over the images X of a task T_i and prompt embeddings H, from CLIP's contrastive
-    score; prompts are drawn from p_phi(H | X) ~ exp(-E_phi(X, H)) (Eq. 6-7) by SGLD (Eq. 9):
-        H <- H - (alpha/2) dE/dH + sqrt(alpha) eps,   eps ~ N(0, I),
-    acting on the prompt inside the text transformer, in its top 2 blocks (Table 4: lower blocks cost more
-    for no gain);
-  * open-vocabulary meta-learning (Eq. 8): each batch is a task T_i with observed classes V_i and K - K'
-    unseen words U_i from an open vocabulary; loss = CE over V_i with the sampled prompts + lambda * (a term
-    on U_i, "maximising uncertainty over unseen classes"), lambda = 0.1 (Fig. 6); Prop. 3: the optimum lowers
-    the energy of in-domain pairs against the unseen ones;
-  * several sampled prompts at test time, more helping with diminishing returns (Fig. 7);
-  * cost: about 3x CoOp's training time and 2x its inference prompts.
+  * an energy E_phi(X, H) of images X and prompt embeddings H from CLIP's contrastive score; prompts drawn from
+    p_phi(H | X) ~ exp(-E_phi(X, H)) (Eq. 6-7) by SGLD (Eq. 9: gradient steps on E plus Gaussian noise) on the
+    prompt inside the text transformer, in its top 2 blocks (Table 4: lower blocks cost more for no gain);
+  * open-vocabulary meta-learning (Eq. 8): each batch is a task T_i with observed classes V_i and K - K' unseen
+    words U_i from an open vocabulary; loss = CE over V_i with the sampled prompts + lambda * (a term on U_i,
+    "maximising uncertainty over unseen classes"), lambda = 0.1 (Fig. 6); Prop. 3: it correlates in-domain pairs
+    negatively with unseen-class pairs; several sampled prompts at test, more helping with diminishing returns
+    (Fig. 7); cost: about 3x CoOp's training time and 2x its inference prompts.
 Reconstructed (each also marked "# reconstruction:" where it is made):
-  R1 energy: E(X, H) = -mean_{x in X} logsumexp_c s*cos(f(x), g(H_c)) over the task's classes (the free energy
-     of CLIP's classifier; label-free, so training and test sample alike); pair energy -s*cos(f(x), g(H_c)).
-  R2 --chain task (default): the paper's E(X, H; T_i) and p(X, H | T_i) take the whole batch X of one task, so
-     ONE chain of the task's class prompts serves every image of the batch: 2 chains per test batch are 2 x C
-     prompts, and a training step costs a few CoOp steps, as the paper reports (measured on CPU over cached
-     features: 4x for ViT-B/16; 1.03x with the image-tower pass). --chain image (one chain per image,
-     E(x, H)) costs 40-110x CoOp's step over cached features; kept for comparison.
-  R3 SGLD moves the hidden states of the context tokens entering the top --sgld-layers blocks; the SOS,
-     class-name and EOT positions stay deterministic.
+  R0 Eq. 9 in the standard Langevin form: H <- H - (alpha/2) dE/dH + sqrt(alpha) eps, eps ~ N(0, I).
+  R1 E(X, H) = -mean_{x in X} logsumexp_c s*cos(f(x), g(H_c)) over the task's classes (the free energy of CLIP's
+     classifier; label-free, so training and test sample alike); pair energy -s*cos(f(x), g(H_c)).
+  R2 X = all images of a task (the paper writes E(X, H; T_i)): --chain task (default), ONE chain of the task's class
+     prompts for every image of the batch. --chain image: a chain per image, E(x, H), for comparison (costlier).
+  R3 SGLD moves the hidden states of the context tokens entering the top --sgld-layers blocks only.
   R4 alpha = step_size * mean(H0^2) over those states (Eq. 9 in the hidden states' units); 5 steps, 1e-3.
   R5 the loss sees H0(phi) + stopgrad(H_K - H0): gradients reach phi through the chain's start, not the chain.
-  R6 V_i = the classes present in the batch (labels renumbered; no option for "every base class", which on
-     EuroSAT is the same thing); U_i = --unseen-per-batch (8) words per step from WordNet nouns minus ALL the
-     dataset's class names (--vocab imagenet|FILE).
-  R7 --unseen-term observed (default): -log p(V_i | x) under the softmax over V_i u U_i = softplus(E_V - E_U);
-     minimising it lowers the energy of observed pairs and raises that of unseen ones, the effect Prop. 3
-     states. entropy: log|U_i| - H(p(. | x) over U_i), the literal "maximising uncertainty over unseen
-     classes", which leaves the observed-vs-unseen gap alone.
-  R8 test: p(y|x) = mean over chains of softmax_c s*cos(f(x), g(H^k_c)), --test-chains (2) chains per test batch
-     of --test-batch-size (100, Dassl's) images, conditioned on that batch: TRANSDUCTIVE within a batch (an
-     image's prediction depends on the other images of its batch). Batches come from a seeded shuffle (EuroSAT's
-     test split is sorted by class: a one-class batch would hand its label to the chain). --test-condition
-     train: chains drawn once per class list, conditioned on the training images (non-transductive, cheaper).
+  R6 V_i = the classes present in the batch (labels renumbered); U_i = --unseen-per-batch (8) words per step from
+     WordNet nouns minus ALL the dataset's class names (--vocab imagenet|FILE).
+  R7 --unseen-term observed (default): -log p(V_i | x) under the softmax over V_i u U_i = softplus(E_V - E_U),
+     which lowers the energy of observed pairs and raises that of unseen ones (a reading of Prop. 3); entropy:
+     log|U_i| - H(p(. | x) over U_i), the literal "maximising uncertainty", leaving the observed-unseen gap alone.
+  R8 test: p(y|x) = mean over --test-chains (2) chains of softmax_c s*cos(f(x), g(H^k_c)), chains conditioned on
+     (--test-condition) train (default): the training images, drawn once per class list, so each test image is
+     classified alone, as CoOp and ProDA do; image: each test image alone; batch: each test batch, TRANSDUCTIVE.
   R9 epochs and optimiser: coop.py's recipe (paper: ~3x CoOp's training time, i.e. same schedule, dearer steps).
 
     python coop.py --dataset eurosat --protocol base2new --shots 16        # EMPL starts from this prompt
     python empl.py --dataset eurosat --shots 16 --init-from runs/coop/eurosat/base2new/shots_16/seed_1/prompt.pt
 """
+import json
 import math
-import os
+from pathlib import Path
 
 import open_clip
 import torch
@@ -56,27 +47,27 @@ import common
 import data
 
 EPOCHS_BASE2NEW = 200  # reconstruction: coop.py's recipe (R9); few-shot: common.FEWSHOT_EPOCHS
+TESTS = {"train": "test chains drawn once from the training images, each image alone",  # R8, as printed
+         "image": "test chains per test image, each image alone", "batch": "test chains per batch, TRANSDUCTIVE"}
 
 
 def parse_args(argv=None):
     p = common.base_parser("EMPL: energy-based multi-prompt learning with SGLD-sampled prompts (ICCV 2023).")
     p.set_defaults(protocol="base2new")  # the paper's main protocol
-    p.add_argument("--init-from", help="a coop.py prompt.pt to start from (the paper starts from a trained CoOp; "
-                                       "shared context, same backbone)")
+    p.add_argument("--init-from", help="prompt.pt of the coop.py run to start from, as the paper does: same CLIP, "
+                                       "dataset, protocol, shots and seed ({seed} in the path: the run's seed)")
     p.add_argument("--ctx-init", help='context words when there is no --init-from (default "a photo of a")')
     p.add_argument("--chain", default="task", choices=["task", "image"],
                    help="task: one SGLD chain per batch, shared by its images; image: one chain per image (R2)")
     p.add_argument("--sgld-layers", type=int, default=2, help="top text blocks SGLD acts in (paper Table 4: 2)")
     # reconstruction: the paper's SGLD schedule, |U_i| and test batch are unknown (R4, R6, R8)
     p.add_argument("--sgld-steps", type=int, default=5, help="SGLD steps per chain")
-    p.add_argument("--sgld-step-size", type=float, default=1e-3,
-                   help="alpha in units of the mean square of the hidden states it moves")
+    p.add_argument("--sgld-step-size", type=float, default=1e-3, help="alpha, in units of the states' mean square")
     p.add_argument("--test-chains", "--samples", type=int, default=2,
-                   help="chains per test batch (image chains: per test image); 2 = the paper's 2x inference prompts")
-    p.add_argument("--test-batch-size", type=int, default=100, help="test images that share chains (task chains)")
-    p.add_argument("--test-condition", default="batch", choices=["batch", "train"],
-                   help="batch: chains conditioned on each test batch (transductive); train: drawn once, "
-                        "conditioned on the training images (task chains only)")
+                   help="chains per draw of test prompts; 2 = the paper's 2x inference prompts")
+    p.add_argument("--test-condition", default="train", choices=list(TESTS),  # R8
+                   help="what the test chains are conditioned on. " + "; ".join(f"{k}: {v}" for k, v in TESTS.items()))
+    p.add_argument("--test-batch-size", type=int, default=100, help="test images sharing chains (condition batch)")
     p.add_argument("--unseen-per-batch", type=int, default=8, help="unseen words per task (paper sweeps 1, 2, 4, 8)")
     p.add_argument("--unseen-term", default="observed", choices=["observed", "entropy"],
                    help="observed: -log p(observed classes | x); entropy: maximise entropy over the unseen words (R7)")
@@ -92,8 +83,6 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if min(args.sgld_steps, args.sgld_step_size, args.lam, args.vocab_pool) < 0:
         p.error("--sgld-steps, --sgld-step-size, --lam and --vocab-pool must not be negative")
-    if args.chain == "image" and args.test_condition == "train":
-        p.error("--test-condition train draws chains shared by the test images: it needs --chain task")
     common.resolve_epochs(p, args, base2new=EPOCHS_BASE2NEW)
     return args
 
@@ -102,8 +91,8 @@ def parse_args(argv=None):
 # The method: energy (Eq. 6-7, reconstructed R1) and SGLD (Eq. 9)
 # --------------------------------------------------------------------------------------------------
 def logits(X, text_feats, logit_scale):
-    """s*cos(f(x), g(H_c)) in fp32 for K chains: X (K, M, D) the images chain k serves, text_feats (K, C, D)
-    its class features -> (K, M, C): CLIP's classifier, one per chain."""
+    """s*cos(f(x), g(H_c)) in fp32, CLIP's classifier per chain: X (K, M, D) the images chain k serves, its class
+    features (K, C, D) -> (K, M, C)."""
     return common.cosine_logits(X, text_feats, logit_scale)
 
 
@@ -113,16 +102,15 @@ def energy(X, text_feats, logit_scale):
 
 
 def sgld(H0, energy_fn, steps, alpha, mask, gen, noise_scale=1.0):
-    """Eq. (9): H <- H - (alpha/2) dE/dH + sqrt(alpha) eps on the positions in mask, one chain per row of
-    energy_fn's output (chains do not interact, so the gradient of the sum is each chain's own). The noise
-    comes from gen (on its own device) and moves to H's."""
+    """Eq. (9) (R0): H <- H - (alpha/2) dE/dH + sqrt(alpha) eps on the positions in mask, a chain per row of
+    energy_fn's output (chains do not interact: the gradient of the sum is each chain's own); noise from gen."""
     H = H0.detach().float()
     for _ in range(steps):
         with torch.enable_grad():
             H.requires_grad_(True)
             grad, = torch.autograd.grad(energy_fn(H).sum(), H)
         eps = torch.randn(H.shape, generator=gen, device=gen.device).to(H.device)
-        H = (H + mask * (-alpha / 2 * grad + alpha ** 0.5 * noise_scale * eps)).detach()
+        H = (H + mask * (-alpha / 2 * grad + alpha ** 0.5 * noise_scale * eps)).detach()  # reconstruction: R0
     return H
 
 
@@ -161,9 +149,9 @@ class EMPL(nn.Module):
         return common.ClassPrompts(self.clip, classnames, len(self.ctx), self.position)
 
     def start(self, *blocks):
-        """H0 (C, L, d): hidden states entering the top blocks for the learned context; the mask (C, L, 1) of
-        the context positions (R3); EOT positions. blocks: (ClassPrompts, rows or None) pairs, e.g. the
-        observed classes and the sampled unseen words, padded after their EOT (harmless: causal mask)."""
+        """H0 (C, L, d): hidden states entering the top blocks for the learned context; the mask (C, L, 1) of the
+        context positions (R3); EOT positions. blocks: (ClassPrompts, rows or None) pairs, e.g. the observed
+        classes and the sampled unseen words, padded after their EOT (harmless: causal mask)."""
         states = []
         for prompts, rows in blocks:
             H = common.hidden_states(self.clip, prompts.embed(self.ctx, rows), self.layer)
@@ -179,10 +167,10 @@ class EMPL(nn.Module):
         K, C = H.shape[:2]
         return common.encode_hidden(self.clip, H.flatten(0, 1), eot.repeat(K), self.layer).view(K, C, -1)
 
-    def serve(self, image_feats, chains):
-        """The images each chain is conditioned on and serves: task chains (chains, N, D), every chain sees
-        the whole batch (R2); image chains (chains * N, 1, D), chain-major."""
-        if self.chain == "task":  # reconstruction: one chain per task, shared by its images (R2)
+    def serve(self, image_feats, chains, per_image=None):
+        """The images each chain is conditioned on and serves: a task chain (chains, N, D) sees them all (R2); image
+        chains (chains * N, 1, D), chain-major, one image each. per_image: None follows --chain."""
+        if not (self.chain == "image" if per_image is None else per_image):  # reconstruction: a chain per task (R2)
             return image_feats.unsqueeze(0).expand(chains, -1, -1)
         return image_feats.repeat(chains, 1).unsqueeze(1)
 
@@ -191,8 +179,8 @@ class EMPL(nn.Module):
         # reconstruction: alpha in units of the moved states' mean square (R4)
         alpha = self.step_size * (H0.detach().pow(2) * mask).sum() / (mask.sum() * H0.shape[-1])
         H0 = H0.unsqueeze(0).expand(len(X), -1, -1, -1)
-        s = self.clip.logit_scale
-        H = sgld(H0, lambda H: energy(X, self.features(H, eot), s), self.steps, float(alpha), mask, gen)
+        E = lambda H: energy(X, self.features(H, eot), self.clip.logit_scale)  # E(X, H) of each chain (R1)
+        H = sgld(H0, E, self.steps, float(alpha), mask, gen)
         return H0 + (H - H0).detach()  # reconstruction: gradients reach phi through H0, not the chain (R5)
 
     def mean_logits(self, image_feats, classnames):
@@ -221,23 +209,23 @@ def empl_loss(model, observed, vocab, image_feats, labels, k, lam, word_gen, noi
 
 
 @torch.no_grad()
-def predict(model, classnames, image_feats, chains, gen, batch_size=100, condition=None, stats=None):
-    """log p(y|x), p averaged over `chains` sampled prompt sets (R8). Task chains: per test batch of
-    batch_size images from a seeded shuffle, conditioned on that batch (transductive), or, given condition
-    (training features), drawn once and shared by every test image. Image chains: per image, in batches that
-    only bound memory. stats (a dict) receives the test batches and the number of prompts sampled."""
+def predict(model, classnames, image_feats, chains, gen, batch_size=100, condition="batch", stats=None):
+    """log p(y|x), p averaged over `chains` sampled prompt sets (R8), the chains conditioned on `condition`: training
+    features (drawn once, shared by every test image), "image" (each test image alone; batches only bound memory) or
+    "batch" (each test batch of batch_size from a seeded shuffle: transductive). stats (a dict) receives the test
+    batches and the number of prompts sampled."""
     H0, mask, eot = model.start((model.prompts(classnames), None))
     C, S, sampled = len(eot), chains, 0
-    if condition is not None:  # non-transductive: p(H | training images), drawn once
-        H = model.sample(condition.unsqueeze(0).expand(S, -1, -1), H0, mask, eot, gen)
-        g, sampled = model.features(H, eot), H.shape[0] * C
-    if model.chain == "image":
-        batch_size = max(1, 8192 // (C * S))
+    once, per_image = torch.is_tensor(condition), isinstance(condition, str) and condition == "image"
+    if once:  # reconstruction: p(H | training images), drawn once: no test image sees another (R8)
+        H = model.sample(model.serve(condition, S, per_image=False), H0, mask, eot, gen)
+        g, sampled = model.features(H, eot), S * C
+    batch_size = max(1, 8192 // (C * S)) if per_image else batch_size
     order = torch.randperm(len(image_feats), generator=gen).to(image_feats.device)  # reconstruction: R8
     out = torch.empty(len(image_feats), C, device=image_feats.device)
     for rows in order.split(batch_size):
-        X = model.serve(image_feats[rows], S)
-        if condition is None:  # p(H | this test batch): transductive
+        X = model.serve(image_feats[rows], S, per_image)
+        if not once:  # p(H | this test image, or this test batch: transductive)
             H = model.sample(X, H0, mask, eot, gen)
             g, sampled = model.features(H, eot), sampled + H.shape[0] * C
         probs = logits(X, g, model.clip.logit_scale).softmax(-1)  # reconstruction: mean of probabilities (R8)
@@ -249,9 +237,8 @@ def predict(model, classnames, image_feats, chains, gen, batch_size=100, conditi
 
 @torch.no_grad()
 def spread(model, classnames, image_feats, chains, gen):
-    """Diversity of `chains` (>= 2) prompt sets sampled for up to 64 images: std of the context states across
-    chains and their displacement from H0 (both relative to the states' rms), and 1 - cos between two
-    chains' text features."""
+    """Diversity of `chains` (>= 2) prompt sets sampled for up to 64 images: std of the context states across chains
+    and their displacement from H0 (relative to the states' rms), 1 - cos between two chains' text features."""
     H0, mask, eot = model.start((model.prompts(classnames), None))
     H = model.sample(model.serve(image_feats[:64], chains), H0, mask, eot, gen)    # (K, C, L, d)
     rms = lambda t: ((t.pow(2) * mask).mean((0, -1)).sum() / mask.sum()).sqrt()    # over context positions
@@ -268,12 +255,8 @@ def spread(model, classnames, image_feats, chains, gen):
 def open_vocabulary(spec, dataset_names, pool, seed):
     """Unseen words: the vocabulary minus every class name of the dataset (a seeded subset if pool > 0).
     reconstruction: the paper's vocabulary is unknown (R6)."""
-    if spec == "wordnet":
-        words = data.wordnet_nouns()
-    elif spec == "imagenet":
-        words = list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES)
-    else:
-        words = data.read_names(spec)
+    named = {"wordnet": data.wordnet_nouns, "imagenet": lambda: list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES)}
+    words = named[spec]() if spec in named else data.read_names(spec)
     taken = {data.prompt_key(n) for n in dataset_names}  # as the tokenizer sees them: "Forest" = "forest"
     words = [w for w in words if data.prompt_key(w) not in taken]
     if not words:
@@ -283,21 +266,32 @@ def open_vocabulary(spec, dataset_names, pool, seed):
     return words
 
 
-def initial_context(args, clip):
-    """(ctx, position): a coop.py prompt.pt (the paper's start) checked against this CLIP, or --ctx-init's words."""
+def initial_context(args, exp):
+    """(ctx, position, start): the paper's start, a coop.py prompt.pt (or an empl.py one) checked against this run
+    (CLIP, classes, and the dataset, protocol, shots and seed in the results.json beside it), or --ctx-init's words."""
     if not args.init_from:
         print(f'EMPL: the context starts from "{args.ctx_init}"; the paper starts from a trained CoOp prompt '
               f'(--init-from runs/coop/.../prompt.pt)')
-        return common.words_to_embeddings(clip, args.ctx_init), "end"
-    if not os.path.isfile(args.init_from):
-        raise common.UserError(f"--init-from {args.init_from} does not exist (give the prompt.pt that coop.py wrote)")
-    # a shared context like CoOp's: a coop.py or an empl.py prompt, for this CLIP
-    saved = common.read_prompt(args.init_from, "--init-from", clip, ["coop", "empl"],
+        return common.words_to_embeddings(exp.clip, args.ctx_init), "end", {"words": args.ctx_init}
+    path = Path(args.init_from.replace("{seed}", str(exp.seed)))  # --seeds: one CoOp run per seed
+    beside = path.with_name("results.json")
+    if not path.is_file():
+        raise common.UserError(f"--init-from {path} does not exist (give the prompt.pt that coop.py wrote)")
+    saved = common.read_prompt(path, "--init-from", exp.clip, ["coop", "empl"],
                                "give a coop.py prompt.pt (the paper starts EMPL from a trained CoOp) or an empl.py one")
     if saved["csc"]:
-        raise common.UserError(f"--init-from {args.init_from} holds a class-specific context; EMPL needs a shared "
-                               f"one (train coop.py without --csc)")
-    return saved["ctx"], saved["position"]
+        raise common.UserError(f"--init-from {path}: a class-specific context; EMPL needs a shared one (no --csc)")
+    ours = {"dataset": exp.dataset.name, "protocol": args.protocol, "shots": args.shots, "seed": exp.seed}
+    theirs = json.loads(beside.read_text()) if beside.is_file() else {}
+    differ = [f"{k} {theirs[k]} (this run: {v})" for k, v in ours.items() if k in theirs and theirs[k] != v]
+    if not differ and saved.get("classnames") != exp.classnames:  # no results.json: the classes still tell
+        differ = [f"classes {saved.get('classnames')} (this run: {exp.classnames})"]
+    if differ:
+        raise common.UserError(f"--init-from {path} was trained with another setting: {'; '.join(differ)}. Start from "
+                               f"the CoOp run of this dataset, protocol, shots and seed (--seeds: .../seed_{{seed}}/)")
+    if not theirs:
+        print(f"EMPL: no results.json beside --init-from {path}: its shots and seed are not checked")
+    return saved["ctx"], saved["position"], dict(ours if theirs else {}, prompt=str(path), method=saved["method"])
 
 
 def run(args, seed):
@@ -305,7 +299,7 @@ def run(args, seed):
     exp = common.prepare(args, seed)
     clip = exp.clip
     saved = exp.load_prompt("empl")
-    ctx, position = (saved["ctx"], saved["position"]) if saved else initial_context(args, clip)
+    ctx, position, start = (saved["ctx"], saved["position"], None) if saved else initial_context(args, exp)
     model = EMPL(clip, ctx, position, args.sgld_layers, args.sgld_steps, args.sgld_step_size, args.chain)
     if saved:
         extra = {"loaded_from": args.load_prompt}
@@ -317,12 +311,12 @@ def run(args, seed):
         word_gen, noise_gen = common.generator(seed, "unseen words"), common.generator(seed, "SGLD noise")
         stats = exp.fit([model.ctx], lambda feats, labels: empl_loss(
             model, observed, vocab, feats, labels, k, args.lam, word_gen, noise_gen, args.unseen_term), desc="EMPL")
-        extra = {"train": stats, "unseen_words": {"vocab": args.vocab, "words": len(vocab.eot), "per_batch": k,
-                                                  "term": args.unseen_term, "lam": args.lam}}
+        extra = {"started_from": start, "train": stats, "unseen_words": {
+            "vocab": args.vocab, "words": len(vocab.eot), "per_batch": k, "term": args.unseen_term, "lam": args.lam}}
 
     without = exp.evaluate(lambda names, feats: model.mean_logits(feats, names),  # the learned context, no SGLD
                            time_as="evaluation_without_sampling_s")
-    condition = exp.train_features(0) if args.test_condition == "train" else None
+    condition = exp.train_features(0) if args.test_condition == "train" else args.test_condition
     eval_gen, sampled = common.generator(seed, "test chains"), []
 
     def predict_fn(names, feats):
@@ -340,15 +334,16 @@ def run(args, seed):
                  "enters_block": model.layer, "acts_on": "context-token hidden states"},
         "chains": {"mode": args.chain, "train": "one per batch" if args.chain == "task" else "one per image",
                    "observed_classes": "classes of the batch", "test_chains": args.test_chains,
-                   "test_batch_size": args.test_batch_size, "test_condition": args.test_condition,
-                   "test_prompts": dict(zip(exp.evals, sampled))},
+                   "test_condition": args.test_condition, "test": TESTS[args.test_condition],
+                   "transductive": args.test_condition == "batch", "test_prompts": dict(zip(exp.evals, sampled))},
         "nearest_words": common.nearest_words(clip, model.ctx.detach())})
     common.write_results(out, exp, "empl", metrics, extra)
     return metrics
 
 
 def main(argv=None):
-    common.main_seeds(parse_args(argv), "empl", run)
+    args = parse_args(argv)
+    common.main_seeds(args, "empl", run, label=TESTS[args.test_condition])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Any prompt learner on a small CLIP (the student) is trained WITHOUT LABELS: a la
 classifies each training image zero-shot, and the student matches its distribution. KDPL replaces the
 student's cross-entropy by this distillation and keeps everything else of the student (prompts, recipe).
     l_T = s * cos(f_T(x), g_T("template(class)"))      teacher logits, with the STUDENT's logit scale s
-    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe: theirs)
+    l_S = the student's logits (CoOp: s * cos(f_S(x), g_S([V]_1..[V]_M [CLASS] .)); CoCoOp, VPT, MaPLe, PromptSRC: theirs)
     K   = top-K classes of mean_b softmax(l_T)            per batch
     L   = 1/2 KL(p_T || p_S) + 1/2 KL(p_S || p_T)        p = softmax over the K selected classes
 The paper's equations were not readable to us: the loss and the selection follow the official code, pinned:
@@ -20,7 +20,10 @@ Students (--student, each a method file of its own that this file imports):
     50 epochs, batch 32 (src/configs/trainers/CoOp_KDPL/vit_b32_ctxv1.yaml);
   * cocoop: CoOp's context + the Meta-Net; ViT-B/32, 10 epochs, batch 1 (CoCoOp_KDPL/vit_b32_c4_ep10_batch1_ctxv1.yaml);
   * vpt: deep visual prompts, 8 tokens in 12 layers; ViT-B/32, 5 epochs, batch 4, lr 0.0025 (VPT_KDPL/...);
-  * maple: coupled prompts, 2 tokens, depth 9; ViT-B/32, 5 epochs, batch 4, lr 0.0035 (MaPLe_KDPL/...).
+  * maple: coupled prompts, 2 tokens, depth 9; ViT-B/32, 5 epochs, batch 4, lr 0.0035 (MaPLe_KDPL/...);
+  * promptsrc: IVLP prompts, 4 + 4 tokens, depth 9 (3 with --eval-on), 20 epochs, batch 4, lr 0.0025, ViT-B/32
+    (PromptSRC_KDPL/...): the labels go, PromptSRC's self-regulating terms and prompt aggregation STAY
+    (promptsrc_kdpl.py#L143-L201), see kdpl_promptsrc_loss and train.
 What a student file offers, and all KDPL uses of it: KDPL_CONFIG (its official KDPL settings), add_student_flags(p)
 (its own hyper-parameters), IMAGE_INPUT ("features": cached image features; "images": a prompted image tower,
 which sees the same crop as the teacher), kdpl_student(clip, names, args, seed) -> its prompt module, whose
@@ -61,9 +64,10 @@ import common
 import coop
 import data
 import maple
+import promptsrc
 import vpt
 
-STUDENTS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple}  # --student: the method file of each (its interface: docstring)
+STUDENTS = {"coop": coop, "cocoop": cocoop, "vpt": vpt, "maple": maple, "promptsrc": promptsrc}  # --student: the method file of each (its interface: docstring)
 # --kl: weights (alpha, beta) of L_F = KL(p_T || p_S) and L_R = KL(p_S || p_T); symmetric is KDPL's (0.5 / 0.5
 # hard-coded officially), forward and reverse are the divergences the paper's ablation compares it with
 KL_WEIGHTS = {"symmetric": (0.5, 0.5), "forward": (1.0, 0.0), "reverse": (0.0, 1.0)}
@@ -111,6 +115,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.protocol is None:  # the official scripts: base-to-new, or all ImageNet classes for --eval-on
         args.protocol = "fewshot" if args.eval_on else "base2new"
+    if args.student == "promptsrc":  # its depth, GPA and epochs: the official config of the protocol (KDPL's too)
+        promptsrc.fill_official(args)
     if not getattr(args, "ctx_init", "-").strip():
         p.error("--ctx-init must hold at least one word (KDPL initialises the context from words)")
     if args.epochs < 1 or args.k_max < 1:
@@ -147,16 +153,29 @@ def symmetric_kl(student_logits, teacher_logits, alpha=0.5, beta=0.5):
     return alpha * forward + beta * reverse
 
 
-def kdpl_loss(student, teacher_text, student_input, teacher_feats, k, kl="symmetric"):
-    """One batch, no labels: teacher logits with the STUDENT's logit scale (kdpl_utils.py#L104, #L124), the
-    K classes they select, the student's logits over those K prompts only, and the symmetric KL. student_input:
-    what the student's logits take (cached image features, or the images of a prompted image tower)."""
-    scale = student.clip.logit_scale
+def teacher_targets(scale, teacher_text, teacher_feats, k):
+    """Teacher logits with the STUDENT's logit scale (kdpl_utils.py#L104, #L124) and the K classes they select."""
     with torch.no_grad(), torch.autocast(teacher_feats.device.type, enabled=False):
         teacher_logits = common.cosine_logits(teacher_feats.float(), teacher_text.float(), scale)
-        rows = select_classes(teacher_logits, k)  # coop_kdpl.py#L111
+        return teacher_logits, select_classes(teacher_logits, k)  # coop_kdpl.py#L111
+
+
+def kdpl_loss(student, teacher_text, student_input, teacher_feats, k, kl="symmetric"):
+    """One batch, no labels: the teacher's logits and the K classes they select, the student's logits over those K
+    prompts only, and the symmetric KL. student_input: what the student's logits take (cached image features,
+    or the images of a prompted image tower)."""
+    teacher_logits, rows = teacher_targets(student.clip.logit_scale, teacher_text, teacher_feats, k)
     student_logits = student.logits(student_input, rows=rows)  # #L113: the K selected prompts only
     return symmetric_kl(student_logits, teacher_logits[:, rows], *KL_WEIGHTS[kl])  # #L114-L123
+
+
+def kdpl_promptsrc_loss(student, teacher_text, images, frozen_image, teacher_feats, k, kl, text_weight, image_weight):
+    """KDPL on PromptSRC (promptsrc_kdpl.py#L143-L173): the symmetric KL takes the cross-entropy's place, and
+    PromptSRC's self-regulating terms STAY, towards the student's own frozen CLIP (not the teacher)."""
+    teacher_logits, rows = teacher_targets(student.clip.logit_scale, teacher_text, teacher_feats, k)
+    student_logits, terms = promptsrc.self_regulating_terms(student, images, frozen_image, text_weight, image_weight,
+                                                            rows)
+    return symmetric_kl(student_logits, teacher_logits[:, rows], *KL_WEIGHTS[kl]) + sum(terms.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +184,20 @@ def kdpl_loss(student, teacher_text, student_input, teacher_feats, k, kl="symmet
 def train(exp, student, teacher, teacher_text, k, kl, images=False):
     """CoOp's loop over the training set; each row is (the student's input, teacher feature of the SAME view):
     the student's cached feature, or, for a prompted image tower (images=True), the image itself in that view,
-    the very crop the teacher's feature was computed from. Labels never enter: exp.labels is not read here."""
+    the very crop the teacher's feature was computed from. Labels never enter: exp.labels is not read here.
+    A PromptSRC student keeps its own regularisation: its self-regulating terms (with the frozen CLIP's cached
+    feature of the same crop) and its Gaussian prompt aggregation over the epochs."""
+    if isinstance(student, promptsrc.PromptSRC):
+        args = exp.args
+        gpa = promptsrc.GaussianPromptAggregation(student, args.gpa_mean, args.gpa_std, args.epochs)
+        epoch_data = lambda epoch: (exp.train_images(epoch), exp.train_features(epoch),
+                                    exp.train_features(epoch, clip=teacher))
+        stats = exp.fit(student.trainable(), lambda x, frozen, t: kdpl_promptsrc_loss(
+            student, teacher_text, x, frozen, t, k, kl, args.text_loss_weight, args.image_loss_weight), epoch_data,
+            desc="KDPL", epoch_end=gpa)
+        gpa.load()  # the evaluated prompts: PromptSRC's Gaussian-weighted aggregate
+        return dict(stats, gpa_weights=gpa.weights)
+
     def epoch_data(epoch):  # the same crops; a frozen tower encodes each once, into the cache
         student_input = exp.train_images(epoch) if images else exp.train_features(epoch)
         return student_input, exp.train_features(epoch, clip=teacher)

@@ -77,15 +77,10 @@ class MaPLe(nn.Module):
         if depth > layers:
             raise common.UserError(f"--depth {depth}: {clip.backbone}'s towers have {layers} layers; pass --depth {layers} "
                                    f"or less")
-        words = ctx_init.split()
-        if ctx_init and n_ctx <= len(words):  # official: the first n tokens of the template (n <= 4)
-            init = common.words_to_embeddings(clip, ctx_init)
-            if len(init) != len(words):
-                raise common.UserError(f'--ctx-init "{ctx_init}": one token per word is needed to split it into '
-                                       f'learned and frozen words ({len(init)} tokens for {len(words)} words)')
-            ctx, frozen = init[:n_ctx], " ".join(words[n_ctx:])
-        else:
-            ctx, frozen = torch.randn(n_ctx, text_width, generator=common.generator(seed, "context init")) * 0.02, ""
+        try:  # official: the first n tokens of the template start P_0, its other words stay frozen
+            ctx, frozen = common.context_from_words(clip, ctx_init, n_ctx, common.generator(seed, "context init"))
+        except ValueError as err:
+            raise common.UserError(f"--ctx-init {err}") from None
         self.clip, self.classnames, self.words = clip, list(classnames), frozen
         self.ctx = nn.Parameter(ctx.to(clip.device))                                   # P_0
         deep = torch.randn(depth - 1, n_ctx, text_width, generator=common.generator(seed, "deep text prompts"))

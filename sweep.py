@@ -18,7 +18,8 @@ How the grid becomes jobs, so that the image tower's work is shared through the 
     every later run of that dataset and tower then reads from the cache instead of encoding it again.
   * second pass: one job per (dataset, shots, seed) running its methods one after the other. They train
     on the same few-shot images, and the augmented view k of an image is the same crop for every method,
-    so the views the first method encodes are cache hits for the next ones.
+    so the views the first method encodes are cache hits for the next ones. A method applied to another's
+    trained prompt (EMPL to CoOp's: STARTS_FROM) runs after it, with --init-from its prompt.pt.
 Launchers: `local` runs the jobs here, one at a time (or --jobs N at once); `slurm` submits each pass as
 one job array through submitit, the second pass waiting for the first (--dependency=afterany).
 """
@@ -56,16 +57,21 @@ METHODS = {
     "maple": ("maple.py", []),
     "kdpl_vpt": ("kdpl.py", ["--student", "vpt"]),
     "kdpl_maple": ("kdpl.py", ["--student", "maple"]),
+    "promptsrc": ("promptsrc.py", []),
+    "kdpl_promptsrc": ("kdpl.py", ["--student", "promptsrc"]),
     "mopd": ("mopd.py", []),
     "demul": ("demul.py", []),
-    "empl": ("empl.py", []),
+    "empl": ("empl.py", []),  # started from the job's CoOp run (see plan)
 }
+# method -> the method whose trained prompt it starts from, run before it in the same job (the EMPL paper applies
+# EMPL to a trained CoOp prompt)
+STARTS_FROM = {"empl": "coop"}
 # CoOp's 11 datasets: the papers' averages are over these
 ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
           "sun397", "dtd", "eurosat", "ucf101"]
 # flags the sweep sets in every command, or that would file the results under another method
 SWEEP_FLAGS = ("--dataset", "--shots", "--seed", "--seeds", "--protocol", "--output", "--zero-shot",
-               "--class-agnostic", "--student")
+               "--class-agnostic", "--student", "--init-from")
 # settings that say where and how a run ran, not what it computed: a finished run may differ in them
 PLACE_SETTINGS = {"output", "cache_dir", "data_root", "no_download", "workers", "device", "overwrite", "seed", "seeds"}
 STOP = threading.Event()  # set on Ctrl-C: the local launcher's jobs start no further run
@@ -79,7 +85,17 @@ def load_results(runs_dir):
     found = sorted(Path(runs_dir).rglob("results.json"))
     if not found:
         raise common.UserError(f"no results.json under {runs_dir}: run a method first, or check the path")
-    return [json.loads(p.read_text()) for p in found]
+    return [read_result(p) for p in found]
+
+
+def read_result(path):
+    """A results.json a run wrote; one that cannot be read (damaged since) is one message saying what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON (truncated), or not UTF-8
+        why = err.strerror if isinstance(err, OSError) else f"not a complete results file ({err})"
+        raise common.UserError(f"cannot read {path}: {why}. Delete it and run the sweep again: it reruns that "
+                               f"run") from None
 
 
 def _cell(values):
@@ -89,6 +105,12 @@ def _cell(values):
 
 def _weights(result):
     return "RANDOM weights (meaningless)" if result["weights"] == "random" else result["weights"]
+
+
+def _row(result):
+    """A table row: the method, and for EMPL the test its accuracy comes from (transductive or not)."""
+    test = result.get("chains", {}).get("test_condition")
+    return f"{result['method']} (test: {test})" if test else result["method"]
 
 
 def _methods_in_order(methods):
@@ -108,7 +130,7 @@ def summary_tables(results):
         title = f"{dataset} · {protocol} · {backbone} · {weights}"
         by = {}
         for r in runs:
-            by.setdefault((r["method"], r["shots"]), []).append(r["metrics"])
+            by.setdefault((_row(r), r["shots"]), []).append(r["metrics"])
         methods = _methods_in_order({m for m, _ in by})
         shots = sorted({k for _, k in by})
         curves = {}
@@ -142,7 +164,7 @@ def average_tables(results):
     for r in results:
         if r["dataset"] in ELEVEN:
             key = (r["protocol"], r["backbone"], _weights(r))
-            per_dataset = groups.setdefault(key, {}).setdefault((r["method"], r["shots"]), {})
+            per_dataset = groups.setdefault(key, {}).setdefault((_row(r), r["shots"]), {})
             per_dataset.setdefault(r["dataset"], []).append(r["metrics"])
     tables = {}
     for (protocol, backbone, weights), by in sorted(groups.items()):
@@ -191,14 +213,15 @@ def plot_curves(title, curves, path):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        common.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summarize(runs_dir, out=None):
     """Print the tables, write summary.md and one few-shot curve PNG per table into `out` (runs_dir)."""
     out = Path(out or runs_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sections = []
     for title, (table, curves) in summary_tables(load_results(runs_dir)).items():
         sections.append(f"### {title}\n\n{table}\n")
@@ -207,7 +230,7 @@ def summarize(runs_dir, out=None):
             plot_curves(title, curves, out / name)
             sections.append(f"![{title}]({name})\n")
     text = "\n".join(sections)
-    (out / "summary.md").write_text(text)
+    common.write_atomic(out / "summary.md", lambda tmp: tmp.write_text(text))
     print(text)
     return text
 
@@ -237,9 +260,11 @@ class Run:
 
 def make_run(method, dataset, protocol, shots, seed, output, extra):
     script, flags = METHODS[method]
+    where = argparse.Namespace(output=output, dataset=dataset, protocol=protocol, shots=shots)
+    if method in STARTS_FROM:  # the prompt.pt of the same job's run of that method
+        flags = [*flags, "--init-from", str(common.run_dir(where, STARTS_FROM[method], seed) / "prompt.pt")]
     cmd = (sys.executable, str(HERE / script), "--dataset", dataset, "--shots", str(shots), "--seed", str(seed),
            "--protocol", protocol, "--output", output, *flags, *extra)
-    where = argparse.Namespace(output=output, dataset=dataset, protocol=protocol, shots=shots)
     log = Path(output) / "logs" / method / dataset / protocol / f"shots_{shots}_seed_{seed}.log"
     return Run(method, f"{dataset} {protocol} {shots}-shot seed {seed}", cmd,
                common.run_dir(where, method, seed) / "results.json", log, os.getcwd())
@@ -250,6 +275,10 @@ def plan(methods, datasets, shots, seeds, protocol, output, extra):
     [[zero-shot run] per dataset], [[the other methods' runs] per (dataset, shots, seed)]."""
     output = str(Path(output).absolute())  # jobs may start elsewhere
     trained = [m for m in methods if m != "zsclip"]
+    for method, before in STARTS_FROM.items():  # a method started from another's prompt runs after it, in its job
+        if method in trained and before not in trained[:trained.index(method)]:
+            trained = [m for m in trained if m != before]
+            trained.insert(trained.index(method), before)
     first = [[make_run("zsclip", d, protocol, min(shots), min(seeds), output, extra)]
              for d in datasets if "zsclip" in methods]
     second = [[make_run(m, d, protocol, k, s, output, extra) for m in trained]
@@ -292,8 +321,12 @@ def check_finished(run, asked):
     """A finished run is skipped only if it computed what this sweep asks for: the results path does not
     hold the backbone, weights or epochs, and a sweep into the same --output with other flags after --
     would otherwise report another configuration's numbers as its own."""
-    found = json.loads(run.results.read_text()).get("config", {})
+    found = read_result(run.results).get("config", {})
     asked = json.loads(json.dumps(vars(asked), default=str))
+    for config in (found, asked):  # --init-from points into --output, a place: compare it as seen from there
+        start, root = config.get("init_from"), config.get("output", "")
+        if start and Path(start).is_relative_to(root):
+            config["init_from"] = str(Path(start).relative_to(root))
     differ = [k for k in asked if k not in PLACE_SETTINGS and k in found and found[k] != asked[k]]
     if differ:
         what = ", ".join(f"--{k.replace('_', '-')} {found[k]} (this sweep: {asked[k]})" for k in differ[:3])
@@ -312,26 +345,29 @@ def execute(run, echo=True):
         return "skipped (results exist)"
     if STOP.is_set():
         return "not started (interrupted)"
-    run.log.parent.mkdir(parents=True, exist_ok=True)
     line = "$ " + shlex.join(run.command)
     print(line, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # logs follow the run as it goes
-    with open(run.log, "a") as log:
-        log.write(line + "\n")
-        log.flush()
-        proc = subprocess.Popen(run.command, cwd=run.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
-        try:
-            for out in proc.stdout:
-                log.write(out)
-                if echo:
-                    sys.stdout.write(out)
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # we were interrupted (Ctrl-C, a job's end): the run must not outlive us
-                proc.kill()
-                proc.wait()
-        log.write(f"[sweep] exit code {code}\n")
+    try:
+        run.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.log, "a") as log:
+            log.write(line + "\n")
+            log.flush()
+            proc = subprocess.Popen(run.command, cwd=run.cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            try:
+                for out in proc.stdout:
+                    log.write(out)
+                    if echo:
+                        sys.stdout.write(out)
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:  # we were interrupted (Ctrl-C, a job's end, a full disk): the run
+                    proc.kill()          # must not outlive us
+                    proc.wait()
+            log.write(f"[sweep] exit code {code}\n")
+    except OSError as err:  # the log is the one file written here (appended: an earlier attempt stays readable)
+        raise common.UserError(common.cannot_write(run.log, err)) from None
     return "ok" if code == 0 else f"failed (exit {code})"
 
 
@@ -365,8 +401,8 @@ def run_local(passes, jobs=1):
             futures = [pool.submit(SweepJob(runs, echo=jobs == 1)) for runs in pass_jobs]
             try:
                 done = [future.result() for future in futures]
-            except KeyboardInterrupt:
-                STOP.set()  # the running runs got the Ctrl-C as well; no job starts another one
+            except BaseException:  # a Ctrl-C (the running runs got it as well), a log that cannot be written
+                STOP.set()  # no job starts another run
                 raise
         statuses += [(run, status, run.log) for job in done for run, status in job]
     return statuses
@@ -509,6 +545,10 @@ def run_grid(args, extra, cluster="slurm"):
     methods, datasets, shots, seeds = (list(dict.fromkeys(x)) for x in (args.methods, args.datasets, args.shots,
                                                                            args.seeds))
     passes = plan(methods, datasets, shots, seeds, args.protocol, args.output, extra)
+    for method, before in STARTS_FROM.items():
+        if method in methods:
+            print(f"{method} starts from the prompt.pt of {before}'s run of the same dataset, shots and seed: {before} "
+                  f"runs first in each job" + ("" if before in methods else f" ({before} added to the grid)"))
     every_run = [run for jobs in passes for job in jobs for run in job]
     check_flags(extra, every_run)
     todo = missing(passes)
